@@ -1,0 +1,200 @@
+"""The public verb: :func:`quantize_` a model in place with a recipe.
+
+``quantize_(model, recipe)`` plans (:mod:`lmms_quant.plan`), quantizes every
+planned Linear (data-free methods here; GPTQ and AWQ through the calibration
+driver), checks the result and returns a :class:`QuantReport` that is
+JSON-serialisable and goes beside every result.
+
+The check is deliberately paranoid: after quantization every quantized weight
+must take at most ``2**bits`` distinct values in each quantization group, or
+:class:`QuantizationCheckError` is raised.  Tools that silently evaluated the
+unquantized model have burned users before.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from .bpw import bits_per_weight
+from .plan import LayerTarget, QuantPlan, plan
+from .quantizers.rtn import rtn_quantize
+from .recipe import Recipe
+
+__all__ = ["QuantReport", "QuantizationCheckError", "quantize_", "count_levels", "weights_hash"]
+
+log = logging.getLogger(__name__)
+
+DATA_FREE_METHODS = ("uniform", "rtn")
+
+
+class QuantizationCheckError(RuntimeError):
+    """A weight that should be quantized has more distinct values than its bit width allows."""
+
+
+@dataclass
+class QuantReport:
+    """What :func:`quantize_` did; :meth:`to_dict` is stored with every result."""
+
+    model_class: str
+    family: str
+    recipe: dict[str, Any]
+    components: dict[str, dict[str, Any]]
+    modules: list[dict[str, Any]]
+    bpw: dict[str, dict[str, float | int]]
+    weights_sha256: str
+    calibration: dict[str, Any] | None = None
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "model_class": self.model_class,
+            "family": self.family,
+            "recipe": self.recipe,
+            "components": self.components,
+            "bpw": self.bpw,
+            "quantized_modules": self.modules,
+            "weights_sha256": self.weights_sha256,
+            "calibration": self.calibration,
+            "warnings": self.warnings,
+        }
+
+
+def count_levels(w: torch.Tensor, group_size: int) -> int:
+    """Largest number of distinct values in any quantization group of ``w``.
+
+    ``group_size``: -1 per row, 0 whole tensor, ``g > 0`` groups of ``g``
+    columns within each row.
+    """
+    w2 = w.detach().reshape(w.shape[0], -1).float()
+    if group_size == 0:
+        return int(torch.unique(w2).numel())
+    if group_size > 0:
+        w2 = w2.reshape(-1, group_size)
+    s, _ = torch.sort(w2, dim=1)
+    distinct = (s[:, 1:] != s[:, :-1]).sum(dim=1) + 1
+    return int(distinct.max())
+
+
+def weights_hash(model: nn.Module, names: Iterable[str]) -> str:
+    """SHA-256 over the named modules' weights (and biases), in the given order."""
+    h = hashlib.sha256()
+    modules = dict(model.named_modules())
+    for name in names:
+        mod = modules[name]
+        for pname in ("weight", "bias"):
+            t = getattr(mod, pname, None)
+            if t is None:
+                continue
+            h.update(f"{name}.{pname}:{tuple(t.shape)}:{t.dtype}".encode())
+            h.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _quantize_data_free(mod: nn.Linear, target: LayerTarget) -> None:
+    spec = target.spec
+    qt = rtn_quantize(mod.weight.data, spec.bits, spec.group_size, spec.sym)
+    mod.weight.data.copy_(qt.weight)
+    if spec.quantize_bias and mod.bias is not None:
+        b = mod.bias.data.reshape(1, -1)
+        mod.bias.data.copy_(rtn_quantize(b, spec.bits, 0, False).weight.reshape(-1))
+
+
+def verify(model: nn.Module, qplan: QuantPlan) -> None:
+    """Raise :class:`QuantizationCheckError` unless every active target is really quantized."""
+    modules = dict(model.named_modules())
+    for t in qplan.active:
+        w = modules[t.name].weight
+        if w.is_meta:
+            raise QuantizationCheckError(f"{t.name}: weight is on the meta device; nothing was quantized")
+        levels = count_levels(w, t.spec.group_size)
+        if levels > 2**t.spec.bits:
+            raise QuantizationCheckError(
+                f"{t.name}: {levels} distinct values in one group, more than 2^{t.spec.bits} = {2**t.spec.bits}; "
+                "the weight was not quantized as planned"
+            )
+
+
+def _component_summary(qplan: QuantPlan, bpw: dict[str, dict[str, float | int]], recipe: Recipe) -> dict[str, dict[str, Any]]:
+    total = bpw["model"]["params"]
+    out = {}
+    for comp, cb in qplan.components.items():
+        targets = [t for t in qplan.targets if t.component == comp]
+        active = [t for t in targets if t.spec.active]
+        numel = sum(_numel(t.shape) for t in active)
+        out[comp] = {
+            "label": cb.label,
+            "roots": list(cb.roots),
+            "n_blocks": len(cb.blocks),
+            "spec": recipe.component(comp).spec.to_dict(),
+            "n_linear": len(targets),
+            "n_quantized": len(active),
+            "quantized_params": numel,
+            "share_of_model_params": numel / total if total else 0.0,
+            "params": bpw.get(comp, {}).get("params", 0),
+        }
+    return out
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def quantize_(
+    model: nn.Module,
+    recipe: Recipe,
+    calibration: Callable[[], Any] | None = None,
+    *,
+    check: bool = True,
+) -> QuantReport:
+    """Quantize ``model`` in place (simulated: weights are rounded and stored
+    back in the model's dtype) and return a :class:`QuantReport`.
+
+    ``calibration``: for GPTQ/AWQ, a zero-argument callable returning the
+    calibration batches (see :mod:`lmms_quant.calibration`); it is called
+    only when a calibrated method is planned.
+    """
+    qplan = plan(model, recipe)
+    modules = dict(model.named_modules())
+    calib_info = None
+    calibrated = [t for t in qplan.active if t.spec.method not in DATA_FREE_METHODS]
+    if calibrated:
+        from .calibration import run_calibrated  # imported lazily: only GPTQ/AWQ need it
+
+        if calibration is None:
+            raise ValueError(
+                f"methods {sorted({t.spec.method for t in calibrated})} need calibration data; pass calibration=..."
+            )
+        calib_info = run_calibrated(model, qplan, calibration)
+    with torch.no_grad():
+        for t in qplan.active:
+            if t.spec.method in DATA_FREE_METHODS:
+                _quantize_data_free(modules[t.name], t)
+    if check:
+        verify(model, qplan)
+    bpw = bits_per_weight(qplan)
+    report = QuantReport(
+        model_class=qplan.model_class,
+        family=qplan.family,
+        recipe=recipe.to_dict(),
+        components=_component_summary(qplan, bpw, recipe),
+        modules=[
+            {"name": t.name, "component": t.component, "block": t.block, "kind": t.kind, "shape": list(t.shape),
+             "bits": t.spec.bits, "method": t.spec.method, "group_size": t.spec.group_size, "sym": t.spec.sym}
+            for t in qplan.active
+        ],
+        bpw=bpw,
+        weights_sha256=weights_hash(model, [t.name for t in qplan.targets]),
+        calibration=calib_info,
+    )
+    log.info("quantized %d Linear layers; model bpw %.3f (study) / %.3f (storage)",
+             len(qplan.active), bpw["model"]["study"], bpw["model"]["storage"])
+    return report

@@ -1,0 +1,339 @@
+"""GPTQ (Frantar et al., 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers") as pure tensor functions.
+
+For a linear layer with weight ``W`` (``(out, n_in)``) and calibration inputs
+``X`` (``(n_in, n_tokens)``), GPTQ minimises the layer-output error
+``||W X - Q X||_F^2 = trace((W - Q) X X^T (W - Q)^T)`` one input column at a
+time: column ``j`` is rounded and the rounding error is spread over the
+not-yet-quantized columns through the inverse Hessian ``Hinv = (2 X X^T / n)^-1``
+(the Optimal Brain Surgeon update).  The update is computed from the upper
+Cholesky factor of ``Hinv`` and applied lazily in blocks of ``blocksize``
+columns, exactly as in the paper (Sections 3-4) and the reference code
+(IST-DASLab/gptq, ``gptq.py``).  Names follow the paper: ``W``, ``H``, ``Hinv``.
+
+Usage, with the calibration hooks living elsewhere::
+
+    H, n = make_empty_hessian(n_in), 0
+    for x in activations:                      # (..., n_in) each
+        H, n = accumulate_hessian(H, n, x)
+    result = gptq_quantize(W, H, bits=4)       # result.weight is the new weight
+
+Every rounding goes through :mod:`lmms_quant.quantizers.rtn`
+(``compute_qparams`` / ``quantize_codes`` / ``dequantize_codes``), so GPTQ and
+RTN differ only in the error feedback, never in the quantizer.
+
+Worked 2x2 example (per channel, symmetric, 2 bits; levels ``{-1, -0.5, 0, 0.5}``
+for a row whose max ``|w|`` is 0.75):  ``W = [[0.75, 0.2]]``,
+``H = [[1, 0.9], [0.9, 1]]``.  Column 0 rounds 0.75 to 0.5 (error 0.25 after the
+``clamp`` at the top code ``maxq = 3``).  The OBS update moves column 1 by
+``0.25 * 0.9 = 0.225`` (``Hinv[0, 1] / Hinv[0, 0] = -H[0, 1] / H[1, 1]``), to
+0.425, which rounds to 0.5 where RTN would give 0.0: the output error
+``trace(E H E^T)`` drops from 0.1925 (RTN, ``E = [0.25, 0.2]``) to 0.0175
+(GPTQ, ``E = [0.25, -0.3]``).  (The default damping, 0.01, changes neither.)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from lmms_quant.quantizers.rtn import QuantizedTensor, compute_qparams, dequantize_codes, quantize_codes
+
+__all__ = [
+    "GPTQResult",
+    "accumulate_hessian",
+    "gptq_quantize",
+    "make_empty_hessian",
+    "reconstruction_error",
+]
+
+logger = logging.getLogger(__name__)
+
+# Damping escalation when the Cholesky factorisation fails: the relative damping
+# ``percdamp`` is multiplied by this factor until it exceeds the cap.
+_DAMP_GROWTH = 10.0
+_MAX_PERCDAMP = 100.0
+
+
+@dataclass
+class GPTQResult:
+    """Output of :func:`gptq_quantize`.
+
+    ``quantized`` holds the dequantised weight (input shape and dtype), the
+    ``uint8`` codes in the original column order, and ``scale`` / ``zero`` of
+    shape ``(out, n_groups)`` (per tensor ``(1, 1)``).
+
+    ``g_idx`` is ``None`` when the groups are the contiguous column groups of the
+    :class:`~lmms_quant.quantizers.rtn.QuantizedTensor` convention (per channel,
+    per tensor, groups without act-order, or act-order with static groups).
+    With act-order and dynamic groups the groups are contiguous in the
+    *permuted* order, so ``g_idx`` (``(n_in,)``, int64) gives the group of each
+    original column: ``weight[:, j] = scale[:, g_idx[j]] * (codes[:, j] - zero[:, g_idx[j]])``
+    (see :meth:`dequantize`).
+
+    ``loss`` is the reference code's OBS estimate ``sum (w - q)^2 / (2 d^2)``
+    (``d`` the diagonal of the Cholesky factor of ``Hinv``); ``error`` is the
+    exact :func:`reconstruction_error` of the result on the undamped ``H``;
+    ``percdamp`` / ``damp`` the relative / absolute damping finally used;
+    ``n_dead`` the number of inputs with ``H[i, i] == 0``.
+    """
+
+    quantized: QuantizedTensor
+    g_idx: torch.Tensor | None
+    loss: float
+    error: float
+    percdamp: float
+    damp: float
+    n_dead: int
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight, ``(out, n_in)``."""
+        return self.quantized.weight
+
+    def dequantize(self) -> torch.Tensor:
+        """Rebuild the weight (float32) from codes, scale, zero and ``g_idx``."""
+        qt = self.quantized
+        codes = qt.codes.float()
+        out, n_in = codes.shape
+        if qt.group_size == 0:
+            return dequantize_codes(codes, qt.scale, qt.zero)
+        if self.g_idx is not None:
+            return dequantize_codes(codes, qt.scale[:, self.g_idx], qt.zero[:, self.g_idx])
+        n_groups = qt.scale.shape[1]
+        grouped = codes.reshape(out, n_groups, n_in // n_groups)
+        return dequantize_codes(grouped, qt.scale.unsqueeze(-1), qt.zero.unsqueeze(-1)).reshape(out, n_in)
+
+
+def make_empty_hessian(n_in: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """A zero ``(n_in, n_in)`` float32 Hessian accumulator."""
+    return torch.zeros(n_in, n_in, dtype=torch.float32, device=device)
+
+
+def accumulate_hessian(H: torch.Tensor, n_seen: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Fold a batch of layer inputs into the running Hessian ``H = 2 X X^T / n``.
+
+    ``x`` has shape ``(..., n_in)``; every leading index is one token.  ``H`` is
+    updated in place (and returned) so that it stays the mean over all
+    ``n_seen`` tokens seen so far; returns ``(H, n_seen + n_tokens)``.  ``x`` must
+    already be on ``H``'s device.
+
+    The reference code counts sequences instead of tokens; GPTQ is invariant to
+    a global scale of ``H`` (the damping is relative), so only the weighting of
+    batches with different sequence lengths differs, and counting tokens is the
+    one that matches the objective ``||W X - Q X||^2`` over all tokens.
+    """
+    n_in = H.shape[0]
+    if x.shape[-1] != n_in:
+        raise ValueError(f"activations have {x.shape[-1]} features, the Hessian expects {n_in}")
+    x = x.reshape(-1, n_in).to(H.dtype)
+    n_new = x.shape[0]
+    if n_new == 0:
+        return H, n_seen
+    n_total = n_seen + n_new
+    H.mul_(n_seen / n_total)
+    x = x * math.sqrt(2.0 / n_total)
+    H.addmm_(x.T, x)
+    return H, n_total
+
+
+def reconstruction_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    """``trace((W - Q) H (W - Q)^T)``: with ``H = 2 X X^T / n`` this is
+    ``2 / n * ||(W - Q) X||_F^2``, the layer-output error GPTQ minimises."""
+    E = (W.float() - Q.float()).to(H.dtype)
+    return float(((E @ H) * E).sum())
+
+
+def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, float]:
+    """Upper Cholesky factor of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)``.
+
+    If a factorisation fails, the relative damping is raised by ``_DAMP_GROWTH``
+    (with a warning each time) up to ``_MAX_PERCDAMP``; then a
+    ``torch.linalg.LinAlgError`` is raised.  Returns ``(Hinv, percdamp, damp)``.
+    """
+    mean_diag = float(torch.diag(H).mean())
+    if not mean_diag > 0:
+        raise torch.linalg.LinAlgError(f"GPTQ: mean(diag H) = {mean_diag:.3g} is not positive; H is not a valid Hessian")
+    rel = percdamp
+    while True:
+        damp = rel * mean_diag
+        Hd = H.clone()
+        Hd.diagonal().add_(damp)
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if info == 0:
+            Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and bool(torch.isfinite(Hinv).all()):
+                return Hinv, rel, damp
+        if rel * _DAMP_GROWTH > _MAX_PERCDAMP:
+            raise torch.linalg.LinAlgError(
+                f"GPTQ: Cholesky factorisation of the damped Hessian failed even with "
+                f"percdamp={rel:g} (damp={damp:.3g}); H is far from positive semi-definite"
+            )
+        logger.warning(
+            "GPTQ: Cholesky factorisation failed with percdamp=%g (damp=%.3g); retrying with percdamp=%g",
+            rel,
+            damp,
+            rel * _DAMP_GROWTH,
+        )
+        rel *= _DAMP_GROWTH
+
+
+def _check_args(W: torch.Tensor, H: torch.Tensor, group_size: int, blocksize: int, percdamp: float, static_groups: bool) -> None:
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (out, n_in), got shape {tuple(W.shape)}")
+    n_in = W.shape[1]
+    if H.shape != (n_in, n_in):
+        raise ValueError(f"H must have shape ({n_in}, {n_in}) for W of shape {tuple(W.shape)}, got {tuple(H.shape)}")
+    if group_size < -1 or (group_size > 0 and n_in % group_size):
+        raise ValueError(f"group_size must be -1 (per channel), 0 (per tensor) or a positive divisor of {n_in}, got {group_size}")
+    if static_groups and group_size <= 0:
+        raise ValueError(f"static_groups needs group_size > 0, got {group_size}")
+    if blocksize < 1:
+        raise ValueError(f"blocksize must be >= 1, got {blocksize}")
+    if not percdamp > 0:
+        raise ValueError(f"percdamp must be > 0, got {percdamp}")
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError("H contains NaN or inf")
+    if not bool(H.any()):
+        raise ValueError("H is all zero: the layer received no calibration activations; leave it unquantized (do not run GPTQ on it)")
+
+
+@torch.no_grad()
+def gptq_quantize(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int = -1,
+    sym: bool = True,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    actorder: bool = False,
+    static_groups: bool = False,
+) -> GPTQResult:
+    """Quantize ``W`` (``(out, n_in)``) with GPTQ given ``H = 2 X X^T / n`` (``(n_in, n_in)``).
+
+    * ``group_size``: ``-1`` per output channel, ``0`` per tensor (both with
+      parameters from the whole weight before any update), ``g > 0`` groups of
+      ``g`` input columns whose parameters are computed when the group's first
+      column is reached, from the weights as updated by all earlier columns.
+      The reference computes them from a partly stale copy when a group starts
+      inside a lazy block; here they are exact, so the result does not depend
+      on ``blocksize`` (identical to the reference when ``g`` is a multiple of
+      ``blocksize``).
+    * ``static_groups``: all group parameters are computed up front from the
+      original ``W`` on the original column groups.
+    * ``actorder``: columns are processed in order of decreasing ``diag(H)``
+      and restored at the end.  Without static groups the groups are then
+      contiguous in the permuted order and ``g_idx`` is returned.
+    * Dead inputs (``H[i, i] == 0``) get ``H[i, i] = 1`` and ``W[:, i] = 0``
+      before anything else, as in the reference.
+    * Damping ``percdamp * mean(diag H)`` is added to ``diag(H)``; it is raised
+      tenfold with a warning while the Cholesky factorisation fails (see
+      ``_inverse_hessian_cholesky``).
+
+    Raises ``ValueError`` for an all-zero ``H`` (a layer that saw no
+    calibration data: the caller must leave it untouched) and for invalid
+    arguments.  ``W`` and ``H`` are not modified; work is done in float32 on
+    their device.
+    """
+    _check_args(W, H, group_size, blocksize, percdamp, static_groups)
+    n_in = W.shape[1]
+    if group_size == n_in:
+        group_size = -1
+    W_given, H_given = W, H
+    W = W.detach().float().clone()
+    H = H.detach().float().clone()
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if group_size == -1:
+        scale, zero = compute_qparams(W, bits, sym)
+    elif group_size == 0:
+        scale, zero = compute_qparams(W.reshape(1, -1), bits, sym)
+    static = None
+    if static_groups and group_size > 0:
+        static = [compute_qparams(W[:, c : c + group_size], bits, sym) for c in range(0, n_in, group_size)]
+
+    perm = None
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+
+    Hinv, percdamp_used, damp = _inverse_hessian_cholesky(H, percdamp)
+
+    codes = torch.zeros_like(W)
+    Q = torch.zeros_like(W)
+    Losses = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)  # per row
+    dynamic_params: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if group_size > 0:
+                if static is not None:
+                    orig = int(perm[col]) if perm is not None else col
+                    scale, zero = static[orig // group_size]
+                elif col % group_size == 0:
+                    # The group's columns as updated by every earlier column: inside
+                    # the block W1 is current; beyond it the block's pending errors
+                    # have not been applied to W yet.
+                    end = col + group_size
+                    current = W1[:, i : min(end, i2) - i1]
+                    if end > i2:
+                        rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
+                        current = torch.cat([current, rest], dim=1)
+                    scale, zero = compute_qparams(current, bits, sym)
+                    dynamic_params.append((scale, zero))
+            w = W1[:, i : i + 1]
+            d = Hinv1[i, i]
+            q_codes = quantize_codes(w, scale, zero, bits)
+            q = dequantize_codes(q_codes, scale, zero)
+            codes[:, col] = q_codes.flatten()
+            Q[:, col] = q.flatten()
+            err = (w - q).flatten() / d
+            Losses += err**2 / 2
+            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+            Err1[:, i] = err
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    g_idx = None
+    if perm is not None:
+        invperm = torch.argsort(perm)
+        Q = Q[:, invperm]
+        codes = codes[:, invperm]
+        if group_size > 0 and static is None:
+            g_idx = (torch.arange(n_in, device=W.device) // group_size)[invperm]
+
+    if group_size > 0:
+        params = static if static is not None else dynamic_params
+        scale = torch.cat([s for s, _ in params], dim=1)
+        zero = torch.cat([z for _, z in params], dim=1)
+
+    quantized = QuantizedTensor(
+        weight=Q.to(W_given.dtype),
+        codes=codes.to(torch.uint8),
+        scale=scale,
+        zero=zero,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+    )
+    return GPTQResult(
+        quantized=quantized,
+        g_idx=g_idx,
+        loss=float(Losses.sum()),
+        error=reconstruction_error(W_given, Q, H_given.float()),
+        percdamp=percdamp_used,
+        damp=damp,
+        n_dead=int(dead.sum()),
+    )

@@ -1,0 +1,124 @@
+"""Loading VLMs: the bundled toy zoo by name, or any supported checkpoint.
+
+``load_vlm(None)`` gives the embedded default (:data:`DEFAULT_MODEL`), which
+needs no network.  Zoo names resolve to folders under ``lmms_quant/zoo/models``;
+anything else goes to ``transformers`` ``from_pretrained`` (hub id or local
+path), safetensors only, ``trust_remote_code`` only when asked.
+
+Prompt formats are data (:data:`PROMPT_TEMPLATES`), used when a processor has
+no chat template.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .architectures import ARCHITECTURES
+
+__all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype"]
+
+log = logging.getLogger(__name__)
+
+ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
+#: The model ``quant_vlm`` loads when ``pretrained`` is absent.
+DEFAULT_MODEL = "toy-llava"
+
+#: family -> prompt template (``{prompt}`` is lmms-eval's context) for processors without a chat template.
+PROMPT_TEMPLATES: dict[str, str] = {
+    "llava": "USER: <image>\n{prompt} ASSISTANT:",
+    "llava_next": "USER: <image>\n{prompt} ASSISTANT:",
+    "llava_onevision": "<|im_start|>user <image>\n{prompt}<|im_end|><|im_start|>assistant\n",
+    "blip2": "{prompt}",
+}
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class LoadedVLM:
+    model: Any
+    processor: Any
+    name: str
+    path: str
+    family: str
+
+
+def zoo_models() -> list[str]:
+    """Names of the bundled models."""
+    if not ZOO_DIR.is_dir():
+        return []
+    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_pretrained(pretrained: str | None) -> tuple[str, str]:
+    """``(name, path_or_hub_id)`` for a zoo name, a local folder or a hub id."""
+    name = pretrained or DEFAULT_MODEL
+    if (ZOO_DIR / name / "config.json").is_file():
+        return name, str(ZOO_DIR / name)
+    if pretrained is None:
+        raise FileNotFoundError(f"the default model {DEFAULT_MODEL!r} is missing from {ZOO_DIR}; bundled: {zoo_models()}")
+    if Path(name).is_dir():
+        return Path(name).name, str(Path(name).resolve())
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise FileNotFoundError(
+            f"pretrained={name!r}: no such folder; give a local checkpoint folder, a hub id (org/name) or a bundled model: {zoo_models()}"
+        )
+    return name, name
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
+    """``auto``: float32 on CPU, bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+    return DTYPES[key]
+
+
+def load_vlm(
+    pretrained: str | None = None,
+    *,
+    revision: str | None = None,
+    device: str = "cpu",
+    dtype: str | torch.dtype | None = "auto",
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+) -> LoadedVLM:
+    """Load a model and its processor.  The model class comes from the
+    checkpoint's ``config.architectures`` and must be one the architecture table
+    knows (or any class when ``trust_remote_code`` is set)."""
+    import transformers
+    from transformers import AutoConfig, AutoProcessor
+
+    name, path = resolve_pretrained(pretrained)
+    config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    arch_names = list(getattr(config, "architectures", None) or [])
+    cls_name = next((a for a in arch_names if a in ARCHITECTURES), None)
+    if cls_name is None:
+        raise ValueError(
+            f"{name}: its architectures {arch_names} are not supported; supported: {', '.join(sorted(ARCHITECTURES))}"
+        )
+    cls = getattr(transformers, cls_name)
+    torch_dtype = resolve_dtype(dtype, device)
+    kwargs: dict[str, Any] = {"revision": revision, "dtype": torch_dtype, "use_safetensors": True,
+                              "trust_remote_code": trust_remote_code}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    if device_map:
+        kwargs["device_map"] = device_map
+    model = cls.from_pretrained(path, **kwargs)
+    if not device_map:
+        model.to(device)
+    model.eval()
+    processor = AutoProcessor.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    return LoadedVLM(model=model, processor=processor, name=name, path=path, family=ARCHITECTURES[cls_name].family)

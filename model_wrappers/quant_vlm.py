@@ -1,0 +1,224 @@
+"""``quant_vlm``: an lmms-eval model backend that quantizes a VLM per component on load.
+
+    lmms-eval --model quant_vlm --model_args pretrained=Salesforce/blip2-opt-2.7b,bits_vit=4,bits_llm=3 --tasks ...
+
+It is a thin layer over :func:`lmms_quant.quantize_`: parse and validate the
+recipe (before anything loads), load the model, quantize it in memory,
+check it, and serve lmms-eval's requests.  Its metadata (recipe, bits per
+weight, quantized modules, versions, seed, weight hash) goes into the results
+JSON under the key ``lmms_quant`` (see :mod:`lmms_quant.model_wrappers.plugin`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import torch
+from lmms_eval.api.instance import Instance
+from lmms_eval.api.model import lmms
+from tqdm import tqdm
+
+from lmms_quant.apply import quantize_
+from lmms_quant.models import PROMPT_TEMPLATES, load_vlm
+from lmms_quant.provenance import library_versions
+from lmms_quant.recipe import RECIPE_ARG_KEYS, RecipeError, recipe_from_args
+
+log = logging.getLogger(__name__)
+
+#: model_args that configure loading and serving (the rest are recipe keys).
+BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "batch_size", "max_new_tokens",
+                    "trust_remote_code", "attn_implementation", "verify")
+
+
+class ConfigurationExit(SystemExit):
+    """Bad ``--model_args``: stops the run with a non-zero exit status and a clear message.
+
+    It derives from SystemExit because lmms-eval's CLI catches every Exception
+    and still exits 0; a configuration error must fail the process.  Python API
+    callers can catch it like any exception (``except ConfigurationExit``).
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"lmms-quant: invalid --model_args: {message}")
+        self.message = message
+
+
+class QuantVLM(lmms):
+    """Per-component quantized VLM backend (a "simple" lmms-eval model)."""
+
+    is_simple = True
+    #: Metadata of the most recently built instance; written into the results JSON.
+    last_metadata: dict[str, Any] | None = None
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        unknown = sorted(set(kwargs) - set(BACKEND_ARG_KEYS) - set(RECIPE_ARG_KEYS))
+        if unknown:
+            raise ConfigurationExit(
+                f"unknown key(s) {unknown}; valid backend keys: {', '.join(BACKEND_ARG_KEYS)}; "
+                f"valid recipe keys: {', '.join(RECIPE_ARG_KEYS)}"
+            )
+        recipe_args = {k: v for k, v in kwargs.items() if k in RECIPE_ARG_KEYS}
+        try:
+            self.recipe = recipe_from_args(recipe_args)
+            self.batch_size_per_gpu = int(kwargs.get("batch_size", 1) or 1)
+            self.max_new_tokens = int(kwargs.get("max_new_tokens", 64))
+        except (RecipeError, ValueError) as exc:
+            raise ConfigurationExit(str(exc)) from None
+        if self.batch_size_per_gpu < 1:
+            raise ConfigurationExit(f"batch_size must be >= 1, got {self.batch_size_per_gpu}")
+        device = str(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        torch.manual_seed(self.recipe.seed)
+
+        t0 = time.perf_counter()
+        loaded = load_vlm(
+            kwargs.get("pretrained"),
+            revision=kwargs.get("revision"),
+            device=device,
+            dtype=kwargs.get("dtype", "auto"),
+            device_map=kwargs.get("device_map"),
+            trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
+            attn_implementation=kwargs.get("attn_implementation"),
+        )
+        self._model, self.processor, self.family = loaded.model, loaded.processor, loaded.family
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        self.tokenizer.padding_side = "left"
+        self._device = next(self._model.parameters()).device
+        load_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        try:
+            report = quantize_(self._model, self.recipe, calibration=None, check=bool(kwargs.get("verify", True)))
+        except RecipeError as exc:
+            raise ConfigurationExit(str(exc)) from None
+        quant_s = time.perf_counter() - t0
+        self.report = report
+        QuantVLM.last_metadata = {
+            "model": {"name": loaded.name, "path": loaded.path, "revision": kwargs.get("revision"),
+                      "class": report.model_class, "family": report.family, "dtype": str(self._model.dtype),
+                      "device": str(self._device)},
+            "quantization": report.to_dict(),
+            "seed": self.recipe.seed,
+            "versions": library_versions(),
+            "timings_s": {"load": round(load_s, 3), "quantize": round(quant_s, 3)},
+        }
+        log.info("quant_vlm: %s loaded in %.1fs, quantized in %.1fs, bpw %.3f",
+                 loaded.name, load_s, quant_s, report.bpw["model"]["study"])
+
+    # ------------------------------------------------------------------ helpers
+    @property
+    def model(self):
+        return self._model
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch_size_per_gpu
+
+    @property
+    def device(self):
+        return self._device
+
+    def _visuals(self, doc_to_visual, task: str, split: str, doc_id: int) -> list:
+        doc = self.task_dict[task][split][doc_id]
+        visuals = doc_to_visual(doc) if doc_to_visual is not None else []
+        return [v for v in (visuals or []) if v is not None]
+
+    def _format(self, context: str, n_images: int) -> str:
+        """The prompt string for ``context`` with ``n_images`` images, in the family's format."""
+        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
+        if template:
+            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
+            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        fmt = PROMPT_TEMPLATES.get(self.family, "{prompt}")
+        if n_images != 1 and "<image>" in fmt:
+            fmt = fmt.replace("<image>", " ".join(["<image>"] * n_images))
+        return fmt.format(prompt=context)
+
+    def _inputs(self, texts: list[str], images: list[list]) -> dict:
+        flat = [im for ims in images for im in ims]
+        kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
+        if flat:
+            kwargs["images"] = flat
+        batch = self.processor(**kwargs)
+        return {k: (v.to(self._device, self._model.dtype) if torch.is_floating_point(v) else v.to(self._device))
+                for k, v in batch.items()}
+
+    # ---------------------------------------------------------------- requests
+    def generate_until(self, requests: list[Instance]) -> list[str]:
+        """Batched generation, grouped by identical generation settings, left padded."""
+        order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))
+        results: list[str | None] = [None] * len(requests)
+        pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm generate")
+        i = 0
+        while i < len(order):
+            key = repr(sorted(requests[order[i]].args[1].items()))
+            batch_idx = [order[i]]
+            while len(batch_idx) < self.batch_size and i + len(batch_idx) < len(order) and \
+                    repr(sorted(requests[order[i + len(batch_idx)]].args[1].items())) == key:
+                batch_idx.append(order[i + len(batch_idx)])
+            i += len(batch_idx)
+            gen_kwargs = dict(requests[batch_idx[0]].args[1])
+            until = gen_kwargs.pop("until", None)
+            until = [until] if isinstance(until, str) else list(until or [])
+            texts, images = [], []
+            for j in batch_idx:
+                ctx, _, doc_to_visual, doc_id, task, split = requests[j].args
+                ims = self._visuals(doc_to_visual, task, split, doc_id)
+                images.append(ims)
+                texts.append(self._format(ctx, len(ims)))
+            inputs = self._inputs(texts, images)
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
+            gen = {
+                "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                "do_sample": temperature > 0,
+                "num_beams": num_beams,
+                "pad_token_id": self.tokenizer.pad_token_id,
+            }
+            if temperature > 0:
+                gen["temperature"] = temperature
+                if gen_kwargs.get("top_p") is not None:
+                    gen["top_p"] = float(gen_kwargs["top_p"])
+            with torch.inference_mode():
+                out = self._model.generate(**inputs, **gen)
+            new_tokens = out[:, inputs["input_ids"].shape[1]:]
+            decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for j, text in zip(batch_idx, decoded):
+                for stop in until:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                results[j] = text.strip()
+                self.cache_hook.add_partial("generate_until", (requests[j].args[0], requests[j].args[1]), results[j])
+            pbar.update(len(batch_idx))
+        pbar.close()
+        return results  # type: ignore[return-value]
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``."""
+        results = []
+        pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
+        for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            ims = self._visuals(doc_to_visual, task, split, doc_id)
+            prompt = self._format(ctx, len(ims))
+            full = self._inputs([prompt + continuation], [ims])
+            n_prompt = self._inputs([prompt], [ims])["input_ids"].shape[1]
+            labels = full["input_ids"].clone()
+            labels[:, :n_prompt] = -100
+            with torch.inference_mode():
+                out = self._model(**full)
+            logits = out.logits[:, n_prompt - 1:-1].float()
+            cont = full["input_ids"][:, n_prompt:]
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
+            greedy = bool((logits.argmax(-1) == cont).all())
+            results.append((float(nll), greedy))
+            pbar.update(1)
+        pbar.close()
+        return results
+
+    def generate_until_multi_round(self, requests) -> list[str]:
+        raise NotImplementedError("quant_vlm does not support multi-round generation (generate_until_multi_round); "
+                                  "use single-round generate_until tasks")

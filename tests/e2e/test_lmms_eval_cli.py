@@ -1,0 +1,69 @@
+"""End to end through the real lmms-eval CLI (subprocesses), on the bundled offline tasks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.tiny_models import save_tiny_llava
+
+pytestmark = pytest.mark.e2e
+BIN = Path(sys.executable).parent
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@pytest.fixture(scope="module")
+def tiny_llava(tmp_path_factory):
+    return str(save_tiny_llava(tmp_path_factory.mktemp("models") / "tiny-llava"))
+
+
+def run(cmd, cwd):
+    return subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_quant_vlm_run_writes_results_with_quantization_metadata(tiny_llava, tmp_path):
+    out = tmp_path / "out"
+    proc = run([str(BIN / "lmms-eval"), "--model", "quant_vlm", "--model_args", f"pretrained={tiny_llava},bits_llm=3,bits_vit=4,group_size_vit=16",
+                "--tasks", "lq_offline", "--limit", "6", "--batch_size", "3", "--output_path", str(out), "--log_samples"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    files = list(out.rglob("*_results.json"))
+    assert len(files) == 1, proc.stderr[-3000:]
+    results = json.loads(files[0].read_text())
+    # the harness's own reporting, for both task types, without --include_path
+    assert set(results["results"]) >= {"lq_world_vqa", "lq_world_caption"}
+    assert 0.0 <= results["results"]["lq_world_vqa"]["vqa_accuracy,none"] <= 1.0
+    assert "CIDEr,none" in results["results"]["lq_world_caption"]
+    meta = results["lmms_quant"]
+    q = meta["quantization"]
+    assert q["recipe"]["llm"]["bits"] == 3 and q["recipe"]["vit"]["bits"] == 4 and q["recipe"]["vit"]["group_size"] == 16
+    assert q["recipe"]["connector"]["bits"] == 16
+    assert {m["component"] for m in q["quantized_modules"]} == {"vit", "llm"}
+    assert len(q["quantized_modules"]) == 12 + 14
+    assert 3 < q["bpw"]["model"]["study"] < 16 and q["bpw"]["llm"]["study"] < q["bpw"]["vit"]["study"]
+    assert len(q["weights_sha256"]) == 64
+    assert meta["versions"]["lmms-eval"] == "0.7.3" and meta["versions"]["transformers"]
+    assert meta["seed"] == 0 and meta["model"]["class"] == "LlavaForConditionalGeneration"
+    samples = list(out.rglob("*lq_world_vqa.jsonl"))
+    assert samples, "per-sample log missing"
+
+
+def test_bad_model_args_fail_the_process_before_loading(tiny_llava, tmp_path):
+    proc = run([str(BIN / "lmms-eval"), "--model", "quant_vlm", "--model_args", f"pretrained={tiny_llava},bits_llm=9",
+                "--tasks", "lq_world_vqa", "--limit", "2", "--output_path", str(tmp_path / "out")], tmp_path)
+    assert proc.returncode != 0
+    assert "bit width 9 is out of range; valid: 2, 3, 4, 5, 6, 7, 8, 16" in proc.stderr
+    assert not list((tmp_path).rglob("*_results.json"))
+    proc = run([str(BIN / "lmms-eval"), "--model", "quant_vlm", "--model_args", f"pretrained={tiny_llava},bitz=4",
+                "--tasks", "lq_world_vqa", "--limit", "2"], tmp_path)
+    assert proc.returncode != 0
+    assert "unknown key(s) ['bitz']; valid backend keys: pretrained" in proc.stderr
+
+
+def test_our_cli_exits_nonzero_when_the_evaluation_fails(tmp_path):
+    proc = run([str(BIN / "lmms-quant"), "eval", "--model", "quant_vlm", "--model_args", "pretrained=/no/such/model",
+                "--tasks", "lq_world_vqa", "--limit", "2"], tmp_path)
+    assert proc.returncode == 1
+    assert "lmms-quant: the evaluation failed: FileNotFoundError: pretrained='/no/such/model': no such folder" in proc.stderr

@@ -4,7 +4,7 @@ The JSONL files follow the lmms-lab hub schemas (VQAv2, COCO-Caption2017,
 flickr30k), so the same functions serve the real data sets.
 """
 
-from lmms_quant.metrics import normalize_answer, vqa_accuracy
+from lmms_quant.metrics import vqa_accuracy
 from lmms_quant.tasks._common import DATA_DIR, caption_aggregate, caption_item, load_image, references, require
 
 ROOT = DATA_DIR / "world"
@@ -20,13 +20,14 @@ def vqa_doc_to_text(doc, lmms_eval_specific_kwargs=None):
 
 
 def vqa_process_results(doc, results):
-    """Official VQAv2 accuracy; the prediction is normalised first, as the EvalAI server does."""
+    """Official VQAv2 accuracy (vqaEval.py): the prediction is normalised together with
+    the answers, and only when the answers disagree, exactly as the official code does."""
     answers = require(doc, "answers", list)
     if not answers:
         from lmms_quant.tasks._common import TaskDataError, doc_label
 
         raise TaskDataError(f"document {doc_label(doc)}: field 'answers' is empty")
-    return {"vqa_accuracy": vqa_accuracy(normalize_answer(results[0]), answers)}
+    return {"vqa_accuracy": vqa_accuracy(results[0], answers)}
 
 
 def caption_doc_to_text(doc, lmms_eval_specific_kwargs=None):

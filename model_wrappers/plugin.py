@@ -15,8 +15,6 @@ import functools
 import sys
 from pathlib import Path
 
-
-
 #: Results files written in this process (read by our CLI to say where they went).
 WRITTEN_RESULTS: list[str] = []
 

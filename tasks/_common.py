@@ -11,8 +11,9 @@ import hashlib
 import io
 import json
 import logging
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 from PIL import Image
 

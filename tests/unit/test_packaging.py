@@ -1,8 +1,9 @@
 """The plugin wiring: entry point, task discovery, package list."""
 
-import tomllib
 from importlib import metadata
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[2]
 

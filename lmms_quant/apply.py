@@ -13,16 +13,19 @@ unquantized model have burned users before.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .bpw import bits_per_weight
+from .calibration import INPUT_SCALE_BUFFER, CalibrationSet, attach_input_scale, run_calibrated
 from .plan import LayerTarget, QuantPlan, plan
 from .quantizers.rtn import rtn_quantize
 from .recipe import Recipe
@@ -82,19 +85,29 @@ def count_levels(w: torch.Tensor, group_size: int) -> int:
     return int(distinct.max())
 
 
-def weights_hash(model: nn.Module, names: Iterable[str]) -> str:
-    """SHA-256 over the named modules' weights (and biases), in the given order."""
+def weights_hash(model: nn.Module, names: Iterable[str], extra: Iterable[str] = ()) -> str:
+    """SHA-256 over the named modules' weights, biases and AWQ input scales (in
+    the given order), then over the ``extra`` tensors (e.g. norms that AWQ
+    folded scales into), sorted by name."""
     h = hashlib.sha256()
     modules = dict(model.named_modules())
     for name in names:
         mod = modules[name]
-        for pname in ("weight", "bias"):
+        for pname in ("weight", "bias", INPUT_SCALE_BUFFER):
             t = getattr(mod, pname, None)
-            if t is None:
-                continue
-            h.update(f"{name}.{pname}:{tuple(t.shape)}:{t.dtype}".encode())
-            h.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+            if t is not None:
+                _update(h, f"{name}.{pname}", t)
+    extra = sorted(set(extra))
+    if extra:
+        state = model.state_dict()
+        for key in extra:
+            _update(h, key, state[key])
     return h.hexdigest()
+
+
+def _update(h, key: str, t: torch.Tensor) -> None:
+    h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+    h.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
 
 
 def _quantize_data_free(mod: nn.Linear, target: LayerTarget) -> None:
@@ -119,6 +132,33 @@ def verify(model: nn.Module, qplan: QuantPlan) -> None:
                 f"{t.name}: {levels} distinct values in one group, more than 2^{t.spec.bits} = {2**t.spec.bits}; "
                 "the weight was not quantized as planned"
             )
+
+
+def _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir) -> dict[str, Any]:
+    """Run the calibration driver, or restore its result from the cache."""
+    if cache_dir is None:
+        return {**run_calibrated(model, qplan, calib), "cache": "disabled"}
+    from . import cache
+
+    key = cache.cache_key(fingerprint, recipe.to_dict(), calib.describe())
+    hit = cache.load_entry(Path(cache_dir), key)
+    if hit is not None:
+        tensors, info = hit
+        state = dict(model.named_parameters())
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, t in tensors.items():
+                owner, _, leaf = name.rpartition(".")
+                if leaf == INPUT_SCALE_BUFFER:
+                    attach_input_scale(modules[owner], t)
+                else:
+                    state[name].data.copy_(t.to(state[name].dtype))
+        log.info("calibrated quantization restored from cache %s", key[:16])
+        return {**info, "cache": "hit", "cache_key": key}
+    info = run_calibrated(model, qplan, calib)
+    full_state = model.state_dict()
+    cache.save_entry(Path(cache_dir), key, {n: full_state[n] for n in info["changed_tensors"]}, info)
+    return {**info, "cache": "miss", "cache_key": key}
 
 
 def _component_summary(qplan: QuantPlan, bpw: dict[str, dict[str, float | int]], recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -152,33 +192,39 @@ def _numel(shape: tuple[int, ...]) -> int:
 def quantize_(
     model: nn.Module,
     recipe: Recipe,
-    calibration: Callable[[], Any] | None = None,
+    calibration: CalibrationSet | Callable[[], CalibrationSet] | None = None,
     *,
     check: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> QuantReport:
     """Quantize ``model`` in place (simulated: weights are rounded and stored
     back in the model's dtype) and return a :class:`QuantReport`.
 
-    ``calibration``: for GPTQ/AWQ, a zero-argument callable returning the
-    calibration batches (see :mod:`lmms_quant.calibration`); it is called
-    only when a calibrated method is planned.
+    Data-free methods (``uniform``, ``rtn``) run first, so that GPTQ and AWQ
+    calibrate on a model whose other parts are already quantized.
+    ``calibration``: for GPTQ/AWQ, a :class:`~lmms_quant.calibration.CalibrationSet`
+    or a zero-argument callable returning one (called only when needed).
+    ``cache_dir``: where calibrated quantizations are cached (:mod:`lmms_quant.cache`);
+    ``None`` disables the cache.
     """
     qplan = plan(model, recipe)
     modules = dict(model.named_modules())
-    calib_info = None
     calibrated = [t for t in qplan.active if t.spec.method not in DATA_FREE_METHODS]
-    if calibrated:
-        from .calibration import run_calibrated  # imported lazily: only GPTQ/AWQ need it
-
-        if calibration is None:
-            raise ValueError(
-                f"methods {sorted({t.spec.method for t in calibrated})} need calibration data; pass calibration=..."
-            )
-        calib_info = run_calibrated(model, qplan, calibration)
+    if calibrated and calibration is None:
+        raise ValueError(f"methods {sorted({t.spec.method for t in calibrated})} need calibration data; pass calibration=...")
+    fingerprint = weights_hash(model, [t.name for t in qplan.targets]) if calibrated and cache_dir is not None else None
     with torch.no_grad():
         for t in qplan.active:
             if t.spec.method in DATA_FREE_METHODS:
                 _quantize_data_free(modules[t.name], t)
+    calib_info = None
+    if calibrated:
+        calib = calibration() if callable(calibration) else calibration
+        calib_info = _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir)
+        if calib_info["unquantized"]:  # left untouched with a warning: report them as 16-bit
+            skipped = set(calib_info["unquantized"])
+            qplan.targets = [dataclasses.replace(t, spec=dataclasses.replace(t.spec, bits=16)) if t.name in skipped else t
+                             for t in qplan.targets]
     if check:
         verify(model, qplan)
     bpw = bits_per_weight(qplan)
@@ -193,8 +239,9 @@ def quantize_(
             for t in qplan.active
         ],
         bpw=bpw,
-        weights_sha256=weights_hash(model, [t.name for t in qplan.targets]),
+        weights_sha256=weights_hash(model, [t.name for t in qplan.targets], (calib_info or {}).get("changed_tensors", ())),
         calibration=calib_info,
+        warnings=list((calib_info or {}).get("warnings", [])),
     )
     log.info("quantized %d Linear layers; model bpw %.3f (study) / %.3f (storage)",
              len(qplan.active), bpw["model"]["study"], bpw["model"]["storage"])

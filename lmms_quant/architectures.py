@@ -124,3 +124,115 @@ def architecture_for(model) -> Architecture | None:
         if cls.__name__ in ARCHITECTURES:
             return ARCHITECTURES[cls.__name__]
     return None
+
+
+# ---------------------------------------------------------------------------
+# AWQ: which operation feeds which linears, per transformer block class.
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AWQMapping:
+    """Linears (block-relative names) that share one input, and where their AWQ
+    scale is folded.
+
+    ``prev``: the block-relative name of the norm or linear that produces the
+    input with nothing non-linear in between (the scale is folded into it,
+    exactly), or ``None``: the input comes from outside the block or through a
+    non-linearity (GELU, SiLU...), so the scale is applied by dividing the
+    input explicitly (an ``awq_input_scale`` buffer and a forward pre-hook).
+    Names that a given block lacks are ignored (T5 encoder vs decoder blocks,
+    Q-Former layers with and without cross-attention).
+    """
+
+    prev: str | None
+    linears: tuple[str, ...]
+
+
+def _m(prev, *linears):
+    return AWQMapping(prev, tuple(linears))
+
+
+_CLIP_LIKE = (
+    _m("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    _m("self_attn.v_proj", "self_attn.out_proj"),
+    _m("layer_norm2", "mlp.fc1"),
+    _m(None, "mlp.fc2"),  # after GELU: never folded
+)
+_LLAMA_LIKE = (
+    _m("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    _m("self_attn.v_proj", "self_attn.o_proj"),  # falls back to input scaling when GQA makes the shapes differ
+    _m("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"),
+    _m("mlp.up_proj", "mlp.down_proj"),  # down_proj sees act(gate) * up: linear in up_proj's output
+)
+_T5 = (
+    _m("layer.0.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v"),
+    _m("layer.0.SelfAttention.v", "layer.0.SelfAttention.o"),
+    _m("layer.1.layer_norm", "layer.1.EncDecAttention.q"),
+    _m(None, "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"),
+    _m("layer.1.EncDecAttention.v", "layer.1.EncDecAttention.o"),
+    _m("layer.1.layer_norm", "layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1"),
+    _m(None, "layer.1.DenseReluDense.wo"),
+    _m("layer.2.layer_norm", "layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wi_0", "layer.2.DenseReluDense.wi_1"),
+    _m(None, "layer.2.DenseReluDense.wo"),
+)
+
+#: Block class name -> AWQ mappings.  A block class missing here cannot use AWQ.
+AWQ_MAPPINGS: dict[str, tuple[AWQMapping, ...]] = {
+    "CLIPEncoderLayer": _CLIP_LIKE,
+    "SiglipEncoderLayer": _CLIP_LIKE,
+    "Idefics3EncoderLayer": _CLIP_LIKE,
+    "SmolVLMEncoderLayer": _CLIP_LIKE,
+    "Blip2EncoderLayer": (
+        _m("layer_norm1", "self_attn.qkv"),
+        _m(None, "self_attn.projection"),
+        _m("layer_norm2", "mlp.fc1"),
+        _m(None, "mlp.fc2"),
+    ),
+    "LlamaDecoderLayer": _LLAMA_LIKE,
+    "Qwen2DecoderLayer": _LLAMA_LIKE,
+    "Qwen2VLDecoderLayer": _LLAMA_LIKE,
+    "Qwen2_5_VLDecoderLayer": _LLAMA_LIKE,
+    "MistralDecoderLayer": _LLAMA_LIKE,
+    "OPTDecoderLayer": (
+        _m("self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        _m("self_attn.v_proj", "self_attn.out_proj"),
+        _m("final_layer_norm", "fc1"),
+        _m(None, "fc2"),
+    ),
+    "T5Block": _T5,
+    "Blip2QFormerLayer": (  # post-LN layers: every input comes from outside the block or through attention
+        _m(None, "attention.attention.query", "attention.attention.key", "attention.attention.value"),
+        _m("attention.attention.value", "attention.output.dense"),
+        _m(None, "crossattention.attention.query"),
+        _m(None, "crossattention.attention.key", "crossattention.attention.value"),
+        _m("crossattention.attention.value", "crossattention.output.dense"),
+        _m(None, "intermediate_query.dense"),
+        _m(None, "output_query.dense"),
+        _m(None, "intermediate.dense"),
+        _m(None, "output.dense"),
+    ),
+    "Qwen2VLVisionBlock": (
+        _m("norm1", "attn.qkv"),
+        _m(None, "attn.proj"),
+        _m("norm2", "mlp.fc1"),
+        _m(None, "mlp.fc2"),
+    ),
+    "Qwen2_5_VLVisionBlock": (
+        _m("norm1", "attn.qkv"),
+        _m(None, "attn.proj"),
+        _m("norm2", "mlp.gate_proj", "mlp.up_proj"),
+        _m("mlp.up_proj", "mlp.down_proj"),
+    ),
+    "LlavaMultiModalProjector": (_m(None, "linear_1"), _m(None, "linear_2")),
+    "LlavaNextMultiModalProjector": (_m(None, "linear_1"), _m(None, "linear_2")),
+    "LlavaOnevisionMultiModalProjector": (_m(None, "linear_1"), _m(None, "linear_2")),
+    "Qwen2VLPatchMerger": (_m(None, "mlp.0"), _m(None, "mlp.2")),
+    "PatchMerger": (_m(None, "mlp.0"), _m(None, "mlp.2")),
+    "Qwen2_5_VLPatchMerger": (_m(None, "mlp.0"), _m(None, "mlp.2")),
+    "Idefics3Connector": (_m(None, "modality_projection.proj"),),
+    "SmolVLMConnector": (_m(None, "modality_projection.proj"),),
+    "SiglipMultiheadAttentionPoolingHead": (_m(None, "attention.out_proj"), _m("layernorm", "mlp.fc1"), _m(None, "mlp.fc2")),
+    # a block that is a single Linear (CLIP's projections, SigLIP's text head)
+    "Linear": (_m(None, ""),),
+}

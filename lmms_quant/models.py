@@ -20,7 +20,7 @@ import torch
 
 from .architectures import ARCHITECTURES
 
-__all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype"]
+__all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "format_prompt", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,19 @@ class LoadedVLM:
     name: str
     path: str
     family: str
+
+
+def format_prompt(processor, family: str, text: str, n_images: int) -> str:
+    """``text`` (lmms-eval's context) with ``n_images`` images in the model's prompt format:
+    the processor's chat template when it has one, else :data:`PROMPT_TEMPLATES`."""
+    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+    if template:
+        content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
+        return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    fmt = PROMPT_TEMPLATES.get(family, "{prompt}")
+    if "<image>" in fmt:
+        fmt = fmt.replace("<image>", " ".join(["<image>"] * n_images)) if n_images else fmt.replace("<image>\n", "").replace("<image>", "")
+    return fmt.format(prompt=text)
 
 
 def zoo_models() -> list[str]:

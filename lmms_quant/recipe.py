@@ -48,6 +48,7 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 METHODS = tuple(METHOD_DEFAULTS)
 LAYER_SETS = ("all", "attn", "mlp")
+CALIB_SOURCES = ("world", "task", "text")
 BLOCK_THIRDS = ("front", "middle", "end")
 
 
@@ -215,9 +216,9 @@ class ComponentRecipe:
 class CalibrationSpec:
     """Calibration data for GPTQ and AWQ.
 
-    ``source``: ``task`` (the evaluated task's own documents, the study's
-    protocol; it overlaps the test split), ``world`` (the bundled calibration
-    split), ``text`` (text only), or a path to a JSONL file.
+    ``source``: ``world`` (the bundled calibration split, the default),
+    ``task`` (the evaluated task's own documents: the study's protocol; it
+    overlaps the test split), ``text`` (text only), or a path to a JSONL file.
     """
 
     source: str = "world"
@@ -226,6 +227,8 @@ class CalibrationSpec:
     max_seq_len: int = 512
 
     def __post_init__(self) -> None:
+        if self.source not in CALIB_SOURCES and not Path(self.source).expanduser().is_file():
+            raise RecipeError(f"calib_source {self.source!r} is neither one of {_choices(CALIB_SOURCES)} nor an existing JSONL file")
         if self.samples < 1:
             raise RecipeError(f"calib_samples must be >= 1, got {self.samples}")
         if self.max_seq_len < 1:

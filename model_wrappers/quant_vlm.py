@@ -12,6 +12,7 @@ JSON under the key ``lmms_quant`` (see :mod:`lmms_quant.model_wrappers.plugin`).
 from __future__ import annotations
 
 import logging
+import random
 import time
 from typing import Any
 
@@ -21,7 +22,10 @@ from lmms_eval.api.model import lmms
 from tqdm import tqdm
 
 from lmms_quant.apply import quantize_
-from lmms_quant.models import PROMPT_TEMPLATES, load_vlm
+from lmms_quant.cache import default_cache_dir
+from lmms_quant.calibration import CalibrationSet
+from lmms_quant.calibration_data import build_calibration_set
+from lmms_quant.models import format_prompt, load_vlm
 from lmms_quant.provenance import library_versions
 from lmms_quant.recipe import RECIPE_ARG_KEYS, RecipeError, recipe_from_args
 
@@ -29,7 +33,7 @@ log = logging.getLogger(__name__)
 
 #: model_args that configure loading and serving (the rest are recipe keys).
 BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "batch_size", "max_new_tokens",
-                    "trust_remote_code", "attn_implementation", "verify")
+                    "trust_remote_code", "attn_implementation", "verify", "cache", "cache_dir")
 
 
 class ConfigurationExit(SystemExit):
@@ -86,26 +90,58 @@ class QuantVLM(lmms):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         self._device = next(self._model.parameters()).device
-        load_s = time.perf_counter() - t0
+        self._loaded = loaded
+        self._revision = kwargs.get("revision")
+        self._verify = bool(kwargs.get("verify", True))
+        self._cache_dir = None
+        if bool(kwargs.get("cache", True)):
+            self._cache_dir = kwargs.get("cache_dir") or default_cache_dir()
+        self._load_s = time.perf_counter() - t0
+        self.report = None
+        if self.recipe.needs_calibration and self.recipe.calibration.source == "task":
+            log.warning("calib_source=task: calibrating on the evaluated task's own documents (the study's protocol); "
+                        "the calibration set overlaps the test split. Quantization happens when the first requests arrive.")
+        else:
+            self._quantize(lambda: build_calibration_set(self.processor, self.family, self.recipe.calibration,
+                                                         self._device, self._model.dtype))
 
+    def _quantize(self, calibration) -> None:
+        """Quantize the loaded model with the recipe and record the run's metadata."""
         t0 = time.perf_counter()
         try:
-            report = quantize_(self._model, self.recipe, calibration=None, check=bool(kwargs.get("verify", True)))
+            report = quantize_(self._model, self.recipe, calibration=calibration, check=self._verify, cache_dir=self._cache_dir)
         except RecipeError as exc:
             raise ConfigurationExit(str(exc)) from None
         quant_s = time.perf_counter() - t0
         self.report = report
+        loaded = self._loaded
         QuantVLM.last_metadata = {
-            "model": {"name": loaded.name, "path": loaded.path, "revision": kwargs.get("revision"),
+            "model": {"name": loaded.name, "path": loaded.path, "revision": self._revision,
                       "class": report.model_class, "family": report.family, "dtype": str(self._model.dtype),
                       "device": str(self._device)},
             "quantization": report.to_dict(),
             "seed": self.recipe.seed,
             "versions": library_versions(),
-            "timings_s": {"load": round(load_s, 3), "quantize": round(quant_s, 3)},
+            "timings_s": {"load": round(self._load_s, 3), "quantize": round(quant_s, 3)},
         }
         log.info("quant_vlm: %s loaded in %.1fs, quantized in %.1fs, bpw %.3f",
-                 loaded.name, load_s, quant_s, report.bpw["model"]["study"])
+                 loaded.name, self._load_s, quant_s, report.bpw["model"]["study"])
+
+    def _ensure_quantized(self, requests: list[Instance]) -> None:
+        """``calib_source=task``: calibrate on this task's own documents (images and prompts, no targets)."""
+        if self.report is not None:
+            return
+        spec = self.recipe.calibration
+        rng = random.Random(spec.seed)
+        chosen = rng.sample(range(len(requests)), min(spec.samples, len(requests)))
+        batches = []
+        for i in chosen:
+            ctx, _, doc_to_visual, doc_id, task, split = requests[i].args
+            ims = self._visuals(doc_to_visual, task, split, doc_id)
+            batches.append(self._inputs([self._format(ctx, len(ims))], [ims]))
+        tasks = sorted({r.args[4] for r in requests})
+        self._quantize(CalibrationSet(batches, f"task:{','.join(tasks)}", len(batches), spec.seed, spec.max_seq_len,
+                                      ["calibrated on the evaluated task's own documents: overlaps the test split"]))
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -127,14 +163,7 @@ class QuantVLM(lmms):
 
     def _format(self, context: str, n_images: int) -> str:
         """The prompt string for ``context`` with ``n_images`` images, in the family's format."""
-        template = getattr(self.processor, "chat_template", None) or getattr(self.tokenizer, "chat_template", None)
-        if template:
-            content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": context}]
-            return self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-        fmt = PROMPT_TEMPLATES.get(self.family, "{prompt}")
-        if n_images != 1 and "<image>" in fmt:
-            fmt = fmt.replace("<image>", " ".join(["<image>"] * n_images))
-        return fmt.format(prompt=context)
+        return format_prompt(self.processor, self.family, context, n_images)
 
     def _inputs(self, texts: list[str], images: list[list]) -> dict:
         flat = [im for ims in images for im in ims]
@@ -148,6 +177,7 @@ class QuantVLM(lmms):
     # ---------------------------------------------------------------- requests
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Batched generation, grouped by identical generation settings, left padded."""
+        self._ensure_quantized(requests)
         order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))
         results: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm generate")
@@ -197,6 +227,7 @@ class QuantVLM(lmms):
 
     def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
         """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``."""
+        self._ensure_quantized(requests)
         results = []
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
         for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:

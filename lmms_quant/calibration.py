@@ -1,0 +1,339 @@
+"""The one calibration driver, shared by GPTQ and AWQ.
+
+Sequential and multimodal, as GPTQ and AWQ are meant to run: the model is
+walked segment by segment in forward order (a segment is one list of
+transformer blocks: the ViT's layers, the Q-Former's, the LLM's; T5's encoder
+and decoder are two), and block by block inside a segment.
+
+1. The inputs of a segment's first block are captured by running the whole
+   model on the calibration batches and stopping at that block, so the
+   connector sees the (already quantized) ViT's features and the LLM sees the
+   token sequences the model really builds: image tokens, prompt and target.
+2. For each block: hooks record what its quantized Linears see (GPTQ: the
+   Hessian ``2 X X^T / n``; AWQ: the inputs), the block runs on the captured
+   inputs, the Linears are quantized (pure functions in
+   :mod:`lmms_quant.quantizers`), and the block runs again to give the next
+   block its inputs, now through quantized weights.
+
+Hooks are always removed (a context manager).  Only one block's activations
+live beyond the captured block inputs.  A layer that receives no activations
+is left untouched with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .architectures import AWQ_MAPPINGS, AWQMapping
+from .plan import LayerTarget, QuantPlan
+from .quantizers import awq as awq_q
+from .quantizers import gptq as gptq_q
+
+__all__ = ["CalibrationSet", "run_calibrated", "INPUT_SCALE_BUFFER", "attach_input_scale", "calibration_hash"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the buffer that holds AWQ's explicit input scale on a Linear.
+INPUT_SCALE_BUFFER = "awq_input_scale"
+#: Linears whose AWQ clip search is skipped, as in the reference (attention scores are sensitive to q/k clipping).
+_NO_CLIP = re.compile(r"(^|\.)(q_proj|k_proj|query|key|q|k|qkv)$")
+
+
+@dataclass
+class CalibrationSet:
+    """Model-ready calibration batches plus what is recorded about them.
+
+    ``batches``: dicts of model inputs (``input_ids``, ``attention_mask``,
+    ``pixel_values``...) on the model's device, each a forward call.
+    """
+
+    batches: list[dict[str, torch.Tensor]]
+    source: str
+    n_samples: int
+    seed: int
+    max_seq_len: int
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def sha256(self) -> str:
+        return calibration_hash(self.batches)
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": self.source, "samples": self.n_samples, "seed": self.seed, "max_seq_len": self.max_seq_len,
+                "sha256": self.sha256, "warnings": list(self.warnings)}
+
+
+def calibration_hash(batches: Sequence[dict[str, torch.Tensor]]) -> str:
+    h = hashlib.sha256()
+    for batch in batches:
+        for key in sorted(batch):
+            t = batch[key]
+            if isinstance(t, torch.Tensor):
+                h.update(f"{key}:{tuple(t.shape)}:{t.dtype}".encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
+    return h.hexdigest()
+
+
+class _StopForward(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _hooks() -> Iterator[list]:
+    handles: list = []
+    try:
+        yield handles
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _input_scale_pre_hook(module: nn.Module, args: tuple) -> tuple:
+    scale = getattr(module, INPUT_SCALE_BUFFER)
+    return (args[0] / scale.to(args[0].dtype), *args[1:])
+
+
+def attach_input_scale(linear: nn.Linear, scale: torch.Tensor) -> None:
+    """Make ``linear`` divide its input by ``scale`` (AWQ where folding is not exact)."""
+    if hasattr(linear, INPUT_SCALE_BUFFER):
+        raise RuntimeError("AWQ input scale applied twice to the same Linear")
+    linear.register_buffer(INPUT_SCALE_BUFFER, scale.detach().to(linear.weight.device, torch.float32))
+    linear.register_forward_pre_hook(_input_scale_pre_hook)
+
+
+def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[dict]) -> list[tuple[tuple, dict]]:
+    captured: list[tuple[tuple, dict]] = []
+
+    def catch(module, args, kwargs):
+        captured.append((args, dict(kwargs)))
+        raise _StopForward
+
+    with _hooks() as handles, torch.no_grad():
+        handles.append(block.register_forward_pre_hook(catch, with_kwargs=True))
+        for batch in batches:
+            try:
+                model(**batch)
+            except _StopForward:
+                pass
+    return captured
+
+
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs in inputs:
+            out = block(*args, **kwargs)
+            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
+    return outs
+
+
+def _with_hidden(inp: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+    args, kwargs = inp
+    if args:
+        return (hidden, *args[1:]), kwargs
+    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+    return args, {**kwargs, key: hidden}
+
+
+def _segments(qplan: QuantPlan, modules: dict[str, nn.Module]) -> list[list[str]]:
+    """Consecutive blocks that share a parent ModuleList, in plan order (= forward order of components)."""
+    segments: list[list[str]] = []
+    for comp in qplan.components.values():
+        for bpath in comp.blocks:
+            parent = bpath.rsplit(".", 1)[0] if re.search(r"\.\d+$", bpath) else bpath
+            if segments and segments[-1][0].rsplit(".", 1)[0] == parent and re.search(r"\.\d+$", bpath):
+                segments[-1].append(bpath)
+            else:
+                segments.append([bpath])
+    return segments
+
+
+def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *, gptq_blocksize: int = 128,
+                   awq_grid: int = 20) -> dict[str, Any]:
+    """Quantize every GPTQ/AWQ target of ``qplan`` in place, sequentially.
+
+    Data-free targets must already be quantized (so calibration sees them).
+    Returns the calibration record (source, count, seed, hash, per-layer
+    losses, warnings) and the names of every tensor it changed (for the cache).
+    """
+    modules = dict(model.named_modules())
+    by_block: dict[str, list[LayerTarget]] = {}
+    for t in qplan.active:
+        if t.spec.method in ("gptq", "awq"):
+            by_block.setdefault(_block_of(t, qplan), []).append(t)
+    info: dict[str, Any] = {**calib.describe(), "layers": {}, "changed_tensors": [], "unquantized": []}
+    warnings = info["warnings"]
+    model_was_training = model.training
+    model.eval()
+    for segment in _segments(qplan, modules):
+        if not any(b in by_block for b in segment):
+            continue
+        first = segment[0]
+        inputs = _capture_first_block_inputs(model, modules[first], calib.batches)
+        if not inputs:
+            msg = f"{first}: the calibration batches never reached this block; its layers are left unquantized"
+            log.warning(msg)
+            warnings.append(msg)
+            info["unquantized"].extend(t.name for b in segment for t in by_block.get(b, []))
+            continue
+        last_needed = max(i for i, b in enumerate(segment) if b in by_block)
+        for i, bpath in enumerate(segment[: last_needed + 1]):
+            block = modules[bpath]
+            targets = by_block.get(bpath, [])
+            if targets:
+                _quantize_block(block, bpath, targets, inputs, info, gptq_blocksize, awq_grid)
+            if i < last_needed:
+                outs = _run_block(block, inputs)
+                inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, outs)]
+        del inputs
+    model.train(model_was_training)
+    return info
+
+
+def _block_of(t: LayerTarget, qplan: QuantPlan) -> str:
+    return qplan.components[t.component].blocks[t.block]
+
+
+def _rel(name: str, bpath: str) -> str:
+    return "" if name == bpath else name[len(bpath) + 1:]
+
+
+def _quantize_block(block: nn.Module, bpath: str, targets: list[LayerTarget], inputs, info, blocksize: int, grid: int) -> None:
+    gptq_targets = [t for t in targets if t.spec.method == "gptq"]
+    awq_targets = [t for t in targets if t.spec.method == "awq"]
+    if gptq_targets:
+        _gptq_block(block, bpath, gptq_targets, inputs, info, blocksize)
+    if awq_targets:
+        _awq_block(block, bpath, awq_targets, inputs, info, grid)
+
+
+def _linear(block: nn.Module, rel: str) -> nn.Linear:
+    return block if rel == "" else block.get_submodule(rel)
+
+
+def _gptq_block(block, bpath, targets, inputs, info, blocksize) -> None:
+    stats: dict[str, list] = {}
+    with _hooks() as handles:
+        for t in targets:
+            lin = _linear(block, _rel(t.name, bpath))
+            stats[t.name] = [gptq_q.make_empty_hessian(lin.in_features, lin.weight.device), 0]
+
+            def hook(module, args, _out, name=t.name):
+                x = args[0]
+                if hasattr(module, INPUT_SCALE_BUFFER):  # the Linear's real input is x / s
+                    x = x / getattr(module, INPUT_SCALE_BUFFER).to(x.dtype)
+                H, n = stats[name]
+                stats[name] = list(gptq_q.accumulate_hessian(H, n, x.detach()))
+
+            handles.append(lin.register_forward_hook(hook))
+        _run_block(block, inputs)
+    for t in targets:
+        lin = _linear(block, _rel(t.name, bpath))
+        H, n = stats.pop(t.name)
+        if n == 0 or not bool(H.any()):
+            msg = f"{t.name}: received no calibration activations; left unquantized"
+            log.warning(msg)
+            info["warnings"].append(msg)
+            info["unquantized"].append(t.name)
+            continue
+        res = gptq_q.gptq_quantize(lin.weight.data, H, t.spec.bits, t.spec.group_size, t.spec.sym, blocksize=blocksize)
+        lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
+        info["layers"][t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}
+        info["changed_tensors"].append(f"{t.name}.weight")
+
+
+def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
+    cls = type(block).__name__
+    if cls not in AWQ_MAPPINGS:
+        raise ValueError(f"AWQ has no mapping for block class {cls} ({bpath}); mapped classes: {', '.join(sorted(AWQ_MAPPINGS))}. "
+                         "Add a row to AWQ_MAPPINGS in lmms_quant/architectures.py")
+    wanted = {_rel(t.name, bpath): t for t in targets}
+    groups: list[tuple[AWQMapping, list[str]]] = []
+    covered: set[str] = set()
+    for mapping in AWQ_MAPPINGS[cls]:
+        present = [n for n in mapping.linears if n in wanted]
+        if present:
+            groups.append((mapping, present))
+            covered.update(present)
+    missing = sorted(set(wanted) - covered)
+    if missing:
+        raise ValueError(f"AWQ mapping for {cls} does not cover {missing}; extend AWQ_MAPPINGS in lmms_quant/architectures.py")
+    # 1. record the (shared) input of every group on the full-precision block
+    xs: dict[str, list[torch.Tensor]] = {}
+    with _hooks() as handles:
+        for _, names in groups:
+            lin = _linear(block, names[0])
+
+            def hook(module, args, _out, key=names[0]):
+                xs.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+            handles.append(lin.register_forward_hook(hook))
+        _run_block(block, inputs)
+    # 2. search every group's scale on those inputs, then fold or attach it
+    changed = info["changed_tensors"]
+    plans = []
+    for mapping, names in groups:
+        key = names[0]
+        if key not in xs:
+            msg = f"{bpath}: {names} received no calibration activations; left unquantized"
+            log.warning(msg)
+            info["warnings"].append(msg)
+            info["unquantized"].extend(_full(bpath, n, "") for n in names)
+            continue
+        x = torch.cat(xs.pop(key))
+        specs = {(wanted[n].spec.bits, wanted[n].spec.group_size, wanted[n].spec.sym) for n in names}
+        if len(specs) > 1:
+            raise ValueError(f"AWQ: {names} in {bpath} share one input and so one scale, but the recipe gives them different specs {sorted(specs)}")
+        bits, gsize, sym = specs.pop()
+        lins = [_linear(block, n) for n in names]
+        res = awq_q.search_scales(x, [lin.weight.data for lin in lins], bits, gsize, sym, n_grid=grid)
+        s = res.scales.to(lins[0].weight.device)
+        prev = block.get_submodule(mapping.prev) if mapping.prev else None
+        if isinstance(prev, nn.Linear) and prev.out_features != s.numel():
+            prev = None  # e.g. grouped-query attention: v_proj's outputs are not o_proj's inputs one to one
+        if prev is None:
+            for lin in lins:
+                attach_input_scale(lin, s)
+        elif isinstance(prev, nn.Linear):
+            w, b = awq_q.fold_scales_into_linear(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
+            prev.weight.data.copy_(w)
+            changed.append(_full(bpath, mapping.prev, "weight"))
+            if b is not None:
+                prev.bias.data.copy_(b)
+                changed.append(_full(bpath, mapping.prev, "bias"))
+        else:
+            w, b = awq_q.fold_scales_into_norm(prev.weight.data, getattr(prev, "bias", None), s)
+            prev.weight.data.copy_(w)
+            changed.append(_full(bpath, mapping.prev, "weight"))
+            if b is not None:
+                prev.bias.data.copy_(b)
+                changed.append(_full(bpath, mapping.prev, "bias"))
+        plans.append((names, lins, s, x, bits, gsize, sym, res, mapping.prev if prev is not None else "input scaling"))
+    # 3. clip search and quantization of the scaled weights
+    for names, lins, s, x, bits, gsize, sym, res, folded in plans:
+        xs_scaled = x / s.to(x.dtype)
+        for n, lin in zip(names, lins):
+            Ws = lin.weight.data.float() * s
+            max_val = None if _NO_CLIP.search(n or "x") else awq_q.search_clip(xs_scaled, Ws, bits, gsize, sym)
+            qt = awq_q.awq_quantize(lin.weight.data, s, max_val, bits, gsize, sym)
+            lin.weight.data.copy_(qt.weight.to(lin.weight.dtype))
+            full = _full(bpath, n, "")
+            info["layers"][full] = {"method": "awq", "ratio": res.best_ratio, "loss": res.best_loss, "scale_applied_by": folded,
+                                    "clipped": max_val is not None}
+            changed.append(_full(bpath, n, "weight"))
+        for n, lin in zip(names, lins):
+            if hasattr(lin, INPUT_SCALE_BUFFER):
+                changed.append(_full(bpath, n, INPUT_SCALE_BUFFER))
+
+
+def _full(bpath: str, rel: str | None, leaf: str) -> str:
+    return ".".join(p for p in (bpath, rel, leaf) if p)

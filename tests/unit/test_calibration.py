@@ -1,0 +1,158 @@
+"""The calibration driver (GPTQ and AWQ on whole models), calibration sets and the cache."""
+
+import pytest
+import torch
+
+from lmms_quant import quantize_, recipe_from_args
+from lmms_quant.calibration import INPUT_SCALE_BUFFER, CalibrationSet
+from lmms_quant.calibration_data import build_calibration_set, load_records
+from lmms_quant.models import load_vlm
+from lmms_quant.quantizers import awq as awq_q
+from lmms_quant.quantizers.rtn import QuantizedTensor
+from lmms_quant.recipe import CalibrationSpec, RecipeError
+from tests.fixtures.tiny_models import build, save_tiny_llava
+
+
+@pytest.fixture(scope="module")
+def llava_dir(tmp_path_factory):
+    return str(save_tiny_llava(tmp_path_factory.mktemp("m") / "tiny-llava", seed=3))
+
+
+@pytest.fixture(scope="module")
+def calib(llava_dir):
+    v = load_vlm(llava_dir)
+    return build_calibration_set(v.processor, v.family, CalibrationSpec(samples=12, seed=1), "cpu", torch.float32)
+
+
+def fresh(llava_dir):
+    return load_vlm(llava_dir).model
+
+
+def logits(model, batches):
+    with torch.no_grad():
+        return torch.cat([model(**b).logits.reshape(-1) for b in batches])
+
+
+def test_calibration_set_is_seeded_multimodal_and_hashed(llava_dir, calib):
+    v = load_vlm(llava_dir)
+    again = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=12, seed=1), "cpu", torch.float32)
+    other = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=12, seed=2), "cpu", torch.float32)
+    assert calib.sha256 == again.sha256 != other.sha256
+    assert len(calib.batches) == 12 and all("pixel_values" in b for b in calib.batches)
+    image_token = v.model.config.image_token_index
+    assert all(int((b["input_ids"] == image_token).sum()) == 17 for b in calib.batches)  # 16 patches + CLS
+    records = load_records("world", "llava")
+    assert len(records) == 384 + 128 and records[0]["prompt"].endswith("Answer the question using a single word or phrase.")
+    assert load_records("world", "blip2")[0]["prompt"].startswith("Question: ")
+    with pytest.raises(RecipeError, match=r"calib_source '/no/file.jsonl' is neither one of world, task, text nor an existing JSONL file"):
+        CalibrationSpec(source="/no/file.jsonl")
+
+
+def test_gptq_on_a_whole_model_beats_rtn(llava_dir, calib):
+    fp = logits(fresh(llava_dir), calib.batches[:4])
+    errs = {}
+    for method in ("rtn", "gptq"):
+        m = fresh(llava_dir)
+        report = quantize_(m, recipe_from_args({"method": method, "bits_llm": 3, "bits_vit": 3}), calibration=calib)
+        errs[method] = (logits(m, calib.batches[:4]) - fp).pow(2).mean().item()
+        if method == "gptq":
+            assert len(report.calibration["layers"]) == 26 and report.calibration["samples"] == 12
+            assert report.calibration["sha256"] == calib.sha256
+    assert errs["gptq"] < 0.8 * errs["rtn"], errs
+
+
+def _identity_rounding(monkeypatch):
+    """AWQ with rounding and clipping switched off: what remains is scaling and folding, which must be exact."""
+    def no_round(W, scales, max_val, bits, group_size=128, sym=False):
+        Ws = W.float() * scales.float()
+        return QuantizedTensor(Ws.to(W.dtype), torch.zeros_like(Ws, dtype=torch.uint8), scales, scales, bits, group_size, sym)
+
+    monkeypatch.setattr(awq_q, "awq_quantize", no_round)
+    monkeypatch.setattr(awq_q, "search_clip", lambda x, W, *a, **k: torch.full((W.shape[0], 1), float("inf")))
+
+
+def test_awq_scales_are_folded_exactly_on_llava(llava_dir, calib, monkeypatch):
+    _identity_rounding(monkeypatch)
+    fp = logits(fresh(llava_dir), calib.batches[:3])
+    m = fresh(llava_dir)
+    report = quantize_(m, recipe_from_args({"method": "awq", "bits": 4, "group_size": 16}), calibration=calib, check=False)
+    layers = report.calibration["layers"]
+    assert layers["model.language_model.layers.0.self_attn.q_proj"]["scale_applied_by"] == "input_layernorm"
+    assert layers["model.language_model.layers.0.mlp.down_proj"]["scale_applied_by"] == "mlp.up_proj"
+    assert layers["model.vision_tower.encoder.layers.0.mlp.fc2"]["scale_applied_by"] == "input scaling"  # after GELU
+    assert hasattr(dict(m.named_modules())["model.multi_modal_projector.linear_2"], INPUT_SCALE_BUFFER)
+    assert any(r["ratio"] > 0 for r in layers.values())  # scales were really applied
+    torch.testing.assert_close(logits(m, calib.batches[:3]), fp, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["blip2_opt", "blip2_t5"])
+def test_awq_scales_are_folded_exactly_on_blip2(name, monkeypatch):
+    _identity_rounding(monkeypatch)
+    torch.manual_seed(0)
+    image_tokens = torch.full((1, 4), 127)  # BLIP-2 wants num_query_tokens image tokens
+    batches = [{"pixel_values": torch.randn(1, 3, 32, 32), "input_ids": torch.cat([image_tokens, torch.randint(4, 120, (1, 7))], 1)}
+               for _ in range(3)]
+    if name == "blip2_t5":
+        for b in batches:
+            b["labels"] = torch.randint(4, 120, (1, 5))
+    model = build(name)
+    fp = logits(model, batches)
+    report = quantize_(model, recipe_from_args({"method": "awq", "bits": 4, "group_size": 16}), calibration=CalibrationSet(batches, "t", 3, 0, 64),
+                       check=False)
+    assert len(report.calibration["layers"]) == len(report.modules)
+    torch.testing.assert_close(logits(model, batches), fp, rtol=1e-4, atol=1e-4)
+
+
+def test_awq_on_a_whole_model_quantizes_every_target(llava_dir, calib):
+    m = fresh(llava_dir)
+    report = quantize_(m, recipe_from_args({"method": "awq", "bits": 4, "group_size": 16}), calibration=calib)
+    assert {x["component"] for x in report.modules} == {"vit", "connector", "llm"}
+    assert len(report.calibration["layers"]) == len(report.modules) == 28
+
+
+def test_llm_calibration_sees_the_quantized_vit(llava_dir, calib):
+    def llm_weights(bits_vit):
+        m = fresh(llava_dir)
+        quantize_(m, recipe_from_args({"bits_vit": bits_vit, "method_llm": "gptq", "bits_llm": 3}), calibration=calib)
+        return dict(m.named_parameters())["model.language_model.layers.0.self_attn.q_proj.weight"].detach().clone()
+
+    assert not torch.equal(llm_weights(16), llm_weights(2))
+
+
+def test_text_only_calibration_leaves_the_vit_untouched_with_a_warning(llava_dir):
+    v = load_vlm(llava_dir)
+    before = {k: p.detach().clone() for k, p in v.model.named_parameters()}
+    text = build_calibration_set(v.processor, v.family, CalibrationSpec(source="text", samples=6), "cpu", torch.float32)
+    report = quantize_(v.model, recipe_from_args({"method": "gptq", "bits": 4}), calibration=text)
+    assert any("never reached" in w for w in report.warnings)
+    assert {x["component"] for x in report.modules} == {"llm"}
+    after = dict(v.model.named_parameters())
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("model.vision_tower"))
+    assert report.bpw["vit"]["study"] == 16
+
+
+def test_unmapped_block_is_a_clear_awq_error(llava_dir, calib, monkeypatch):
+    from lmms_quant import architectures
+
+    monkeypatch.delitem(architectures.AWQ_MAPPINGS, "CLIPEncoderLayer")
+    with pytest.raises(ValueError, match=r"AWQ has no mapping for block class CLIPEncoderLayer \(model\.vision_tower\.encoder\.layers\.0\); mapped classes: "):
+        quantize_(fresh(llava_dir), recipe_from_args({"method": "awq", "bits_vit": 4, "group_size": 16}), calibration=calib)
+
+
+def test_cache_hit_restores_identical_weights_and_corruption_is_recomputed(llava_dir, calib, tmp_path, caplog):
+    r = recipe_from_args({"method": "awq", "bits_llm": 3, "bits_vit": 4, "group_size": 16})
+    first = quantize_(fresh(llava_dir), r, calibration=calib, cache_dir=tmp_path)
+    m2 = fresh(llava_dir)
+    second = quantize_(m2, r, calibration=calib, cache_dir=tmp_path)
+    assert (first.calibration["cache"], second.calibration["cache"]) == ("miss", "hit")
+    assert first.weights_sha256 == second.weights_sha256
+    entry = tmp_path / second.calibration["cache_key"] / "tensors.safetensors"
+    data = bytearray(entry.read_bytes())
+    data[-10] ^= 0xFF
+    entry.write_bytes(bytes(data))
+    third = quantize_(fresh(llava_dir), r, calibration=calib, cache_dir=tmp_path)
+    assert third.calibration["cache"] == "miss" and third.weights_sha256 == first.weights_sha256
+    assert "corrupt or partial" in caplog.text
+    # a different calibration set is a different entry
+    other = quantize_(fresh(llava_dir), r, calibration=CalibrationSet(calib.batches[:5], "world", 5, 1, 512), cache_dir=tmp_path)
+    assert other.calibration["cache"] == "miss" and other.calibration["cache_key"] != first.calibration["cache_key"]

@@ -1,0 +1,109 @@
+"""GPTQ speed at LLaMA-7B layer shapes: lmms-quant's gptq_quantize vs llm-compressor's.
+
+    python benchmarks/bench_gptq_speed.py --device cuda            # H100: 128 x 2048 calibration tokens
+    python benchmarks/bench_gptq_speed.py --device cpu --tokens 8192
+
+Random weights (out x in) and a Hessian 2 X^T X / n from random correlated
+activations (``tokens`` rows, accumulated in chunks).  Times only the
+quantization call (Hessian building excluded), after one warm-up, and prints
+each time and the ratio ours / theirs when llm-compressor is importable
+(``--llmcompressor``; it is an optional, separate environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lmms_quant.quantizers.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian, reconstruction_error  # noqa: E402
+from lmms_quant.quantizers.rtn import fake_quantize  # noqa: E402
+
+SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
+
+
+def hessian(n_in: int, tokens: int, device: str, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mix = (torch.randn(n_in, n_in, generator=g) / n_in**0.5).to(device)
+    H, n = make_empty_hessian(n_in, device), 0
+    chunk = 4096
+    for start in range(0, tokens, chunk):
+        z = torch.randn(min(chunk, tokens - start), n_in, generator=g).to(device)
+        H, n = accumulate_hessian(H, n, z @ mix + 0.1 * z)
+    return H
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_call(fn, device: str, repeat: int = 1) -> float:
+    fn()  # warm-up
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(repeat):
+        fn()
+    sync(device)
+    return (time.perf_counter() - t0) / repeat
+
+
+def llmcompressor_fn(W: torch.Tensor, H: torch.Tensor, bits: int, blocksize: int, percdamp: float):
+    """llm-compressor 0.14's GPTQ core on the same weight and Hessian (per channel, symmetric)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+    from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
+
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
+    lin.weight.data.copy_(W)
+    args = QuantizationArgs(num_bits=bits, symmetric=True, strategy=QuantizationStrategy.CHANNEL)
+
+    def run():
+        return quantize_weight(module=lin, quant_args=args, hessians_dict={lin: H.clone()}, blocksize=blocksize, percdamp=percdamp)
+
+    return run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--tokens", type=int, default=128 * 2048)
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--blocksize", type=int, default=128)
+    ap.add_argument("--shapes", default="4096x4096,4096x11008")
+    ap.add_argument("--llmcompressor", action="store_true", help="also time llm-compressor's quantize_weight")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    print(f"device={args.device} torch={torch.__version__} tokens={args.tokens} bits={args.bits} blocksize={args.blocksize}"
+          + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else f" threads={torch.get_num_threads()}"))
+    for name in args.shapes.split(","):
+        out_f, in_f = SHAPES[name]
+        W = torch.randn(out_f, in_f, device=args.device) / in_f**0.5
+        t0 = time.perf_counter()
+        H = hessian(in_f, args.tokens, args.device)
+        sync(args.device)
+        h_s = time.perf_counter() - t0
+        res = {}
+
+        def ours():
+            res["q"] = gptq_quantize(W, H, args.bits, -1, True, blocksize=args.blocksize)
+
+        t_ours = time_call(ours, args.device)
+        err = reconstruction_error(W, res["q"].weight, H)
+        err_rtn = reconstruction_error(W, fake_quantize(W, args.bits, -1, True), H)
+        line = f"{name}: hessian {h_s:.2f}s | ours {t_ours:.3f}s, error/RTN {err / err_rtn:.3f}"
+        if args.llmcompressor:
+            try:
+                theirs = llmcompressor_fn(W, H, args.bits, args.blocksize, 0.01)
+                t_theirs = time_call(theirs, args.device)
+                line += f" | llm-compressor {t_theirs:.3f}s | ratio ours/theirs {t_ours / t_theirs:.2f}"
+            except ImportError as exc:
+                line += f" | llm-compressor not importable ({exc})"
+        print(line, flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -25,8 +25,10 @@ __all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "format_prompt", "resolve_p
 log = logging.getLogger(__name__)
 
 ZOO_DIR = Path(__file__).resolve().parent / "zoo" / "models"
+#: The trained default; until it is shipped, the built-in random model stands in.
+TRAINED_DEFAULT = "toy-llava"
 #: The model ``quant_vlm`` loads when ``pretrained`` is absent.
-DEFAULT_MODEL = "toy-llava"
+DEFAULT_MODEL = TRAINED_DEFAULT if (ZOO_DIR / TRAINED_DEFAULT / "config.json").is_file() else "tiny-random-llava"
 
 #: family -> prompt template (``{prompt}`` is lmms-eval's context) for processors without a chat template.
 PROMPT_TEMPLATES: dict[str, str] = {
@@ -63,17 +65,43 @@ def format_prompt(processor, family: str, text: str, n_images: int) -> str:
 
 
 def zoo_models() -> list[str]:
-    """Names of the bundled models."""
-    if not ZOO_DIR.is_dir():
-        return []
-    return sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+    """Names of the bundled models: trained ones shipped in the zoo, and built-in random ones."""
+    from .builtin_models import BUILTIN_MODELS
+
+    shipped = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file()) if ZOO_DIR.is_dir() else []
+    return shipped + sorted(BUILTIN_MODELS)
+
+
+def _builtin_path(name: str) -> Path:
+    """Build a built-in model once into the cache folder and return its path."""
+    from .builtin_models import BUILTIN_MODELS
+    from .cache import default_cache_dir
+
+    path = default_cache_dir() / "builtin" / name
+    if not (path / "config.json").is_file():
+        import tempfile
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent))
+        BUILTIN_MODELS[name](tmp)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process built it first
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
 
 
 def resolve_pretrained(pretrained: str | None) -> tuple[str, str]:
-    """``(name, path_or_hub_id)`` for a zoo name, a local folder or a hub id."""
+    """``(name, path_or_hub_id)`` for a zoo name, a built-in name, a local folder or a hub id."""
+    from .builtin_models import BUILTIN_MODELS
+
     name = pretrained or DEFAULT_MODEL
     if (ZOO_DIR / name / "config.json").is_file():
         return name, str(ZOO_DIR / name)
+    if name in BUILTIN_MODELS:
+        return name, str(_builtin_path(name))
     if pretrained is None:
         raise FileNotFoundError(f"the default model {DEFAULT_MODEL!r} is missing from {ZOO_DIR}; bundled: {zoo_models()}")
     if Path(name).is_dir():

@@ -67,7 +67,8 @@ class QuantVLM(lmms):
         recipe_args = {k: v for k, v in kwargs.items() if k in RECIPE_ARG_KEYS}
         try:
             self.recipe = recipe_from_args(recipe_args)
-            self.batch_size_per_gpu = int(kwargs.get("batch_size", 1) or 1)
+            bs = kwargs.get("batch_size")
+            self.batch_size_per_gpu = 1 if bs in (None, "") else int(bs)
             self.max_new_tokens = int(kwargs.get("max_new_tokens", 64))
         except (RecipeError, ValueError) as exc:
             raise ConfigurationExit(str(exc)) from None
@@ -249,6 +250,20 @@ class QuantVLM(lmms):
             pbar.update(1)
         pbar.close()
         return results
+
+    def clean(self) -> None:
+        """Free cached accelerator memory but keep the model.
+
+        lmms-eval 0.7.3 calls ``clean()`` at the end of every ``evaluate`` and its
+        default deletes every ``nn.Module`` attribute, so a model instance could
+        not serve a second ``simple_evaluate`` (one loaded, quantized model for
+        several tasks or sweep configurations).  We keep it.
+        """
+        import gc
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def generate_until_multi_round(self, requests) -> list[str]:
         raise NotImplementedError("quant_vlm does not support multi-round generation (generate_until_multi_round); "

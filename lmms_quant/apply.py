@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .bpw import bits_per_weight
-from .calibration import INPUT_SCALE_BUFFER, CalibrationSet, attach_input_scale, run_calibrated
+from .calibration import INPUT_SCALE_BUFFER, CalibrationSet, attach_input_scale, qparams_of, run_calibrated
 from .plan import LayerTarget, QuantPlan, plan
 from .quantizers.rtn import rtn_quantize
 from .recipe import Recipe
@@ -54,6 +54,9 @@ class QuantReport:
     weights_sha256: str
     calibration: dict[str, Any] | None = None
     warnings: list[str] = field(default_factory=list)
+    #: Per quantized Linear: scale, zero (``(rows, n_groups)``), g_idx, bits, group_size, sym; in memory only
+    #: (not in :meth:`to_dict`), for packing real low-bit checkpoints.
+    qparams: dict[str, dict[str, Any]] = field(default_factory=dict, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,10 +113,11 @@ def _update(h, key: str, t: torch.Tensor) -> None:
     h.update(t.detach().cpu().contiguous().view(torch.uint8).reshape(-1).numpy().tobytes())
 
 
-def _quantize_data_free(mod: nn.Linear, target: LayerTarget) -> None:
+def _quantize_data_free(mod: nn.Linear, target: LayerTarget) -> dict[str, Any]:
     spec = target.spec
     qt = rtn_quantize(mod.weight.data, spec.bits, spec.group_size, spec.sym)
     mod.weight.data.copy_(qt.weight)
+    return qparams_of(qt)
     if spec.quantize_bias and mod.bias is not None:
         b = mod.bias.data.reshape(1, -1)
         mod.bias.data.copy_(rtn_quantize(b, spec.bits, 0, False).weight.reshape(-1))
@@ -146,8 +150,11 @@ def _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir) -> di
         tensors, info = hit
         state = dict(model.named_parameters())
         modules = dict(model.named_modules())
+        info = {**info, "qparams": _qparams_from_tensors(tensors, info.pop("qparams_meta", {}))}
         with torch.no_grad():
             for name, t in tensors.items():
+                if name.startswith(_QP):
+                    continue
                 owner, _, leaf = name.rpartition(".")
                 if leaf == INPUT_SCALE_BUFFER:
                     attach_input_scale(modules[owner], t)
@@ -157,8 +164,26 @@ def _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir) -> di
         return {**info, "cache": "hit", "cache_key": key}
     info = run_calibrated(model, qplan, calib)
     full_state = model.state_dict()
-    cache.save_entry(Path(cache_dir), key, {n: full_state[n] for n in info["changed_tensors"]}, info)
+    tensors = {n: full_state[n] for n in info["changed_tensors"]}
+    meta = {}
+    for name, qp in info["qparams"].items():
+        for k in ("scale", "zero", "g_idx"):
+            if qp[k] is not None:
+                tensors[f"{_QP}{name}/{k}"] = qp[k]
+        meta[name] = {k: qp[k] for k in ("bits", "group_size", "sym")}
+    stored = {k: v for k, v in info.items() if k != "qparams"}
+    cache.save_entry(Path(cache_dir), key, tensors, {**stored, "qparams_meta": meta})
     return {**info, "cache": "miss", "cache_key": key}
+
+
+_QP = "qparams/"
+
+
+def _qparams_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, spec in meta.items():
+        out[name] = {**spec, **{k: tensors.get(f"{_QP}{name}/{k}") for k in ("scale", "zero", "g_idx")}}
+    return out
 
 
 def _component_summary(qplan: QuantPlan, bpw: dict[str, dict[str, float | int]], recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -213,14 +238,16 @@ def quantize_(
     if calibrated and calibration is None:
         raise ValueError(f"methods {sorted({t.spec.method for t in calibrated})} need calibration data; pass calibration=...")
     fingerprint = weights_hash(model, [t.name for t in qplan.targets]) if calibrated and cache_dir is not None else None
+    qparams: dict[str, dict[str, Any]] = {}
     with torch.no_grad():
         for t in qplan.active:
             if t.spec.method in DATA_FREE_METHODS:
-                _quantize_data_free(modules[t.name], t)
+                qparams[t.name] = _quantize_data_free(modules[t.name], t)
     calib_info = None
     if calibrated:
         calib = calibration() if callable(calibration) else calibration
         calib_info = _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir)
+        qparams.update(calib_info.pop("qparams"))
         if calib_info["unquantized"]:  # left untouched with a warning: report them as 16-bit
             skipped = set(calib_info["unquantized"])
             qplan.targets = [dataclasses.replace(t, spec=dataclasses.replace(t.spec, bits=16)) if t.name in skipped else t
@@ -242,6 +269,7 @@ def quantize_(
         weights_sha256=weights_hash(model, [t.name for t in qplan.targets], (calib_info or {}).get("changed_tensors", ())),
         calibration=calib_info,
         warnings=list((calib_info or {}).get("warnings", [])),
+        qparams=qparams,
     )
     log.info("quantized %d Linear layers; model bpw %.3f (study) / %.3f (storage)",
              len(qplan.active), bpw["model"]["study"], bpw["model"]["storage"])

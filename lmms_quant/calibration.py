@@ -38,7 +38,7 @@ from .plan import LayerTarget, QuantPlan
 from .quantizers import awq as awq_q
 from .quantizers import gptq as gptq_q
 
-__all__ = ["CalibrationSet", "run_calibrated", "INPUT_SCALE_BUFFER", "attach_input_scale", "calibration_hash"]
+__all__ = ["CalibrationSet", "run_calibrated", "INPUT_SCALE_BUFFER", "attach_input_scale", "calibration_hash", "qparams_of"]
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *,
     for t in qplan.active:
         if t.spec.method in ("gptq", "awq"):
             by_block.setdefault(_block_of(t, qplan), []).append(t)
-    info: dict[str, Any] = {**calib.describe(), "layers": {}, "changed_tensors": [], "unquantized": []}
+    info: dict[str, Any] = {**calib.describe(), "layers": {}, "changed_tensors": [], "unquantized": [], "qparams": {}}
     warnings = info["warnings"]
     model_was_training = model.training
     model.eval()
@@ -247,6 +247,7 @@ def _gptq_block(block, bpath, targets, inputs, info, blocksize) -> None:
             continue
         res = gptq_q.gptq_quantize(lin.weight.data, H, t.spec.bits, t.spec.group_size, t.spec.sym, blocksize=blocksize)
         lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
+        info["qparams"][t.name] = qparams_of(res.quantized, res.g_idx)
         info["layers"][t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}
         info["changed_tensors"].append(f"{t.name}.weight")
 
@@ -327,12 +328,19 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
             qt = awq_q.awq_quantize(lin.weight.data, s, max_val, bits, gsize, sym)
             lin.weight.data.copy_(qt.weight.to(lin.weight.dtype))
             full = _full(bpath, n, "")
+            info["qparams"][full] = qparams_of(qt)
             info["layers"][full] = {"method": "awq", "ratio": res.best_ratio, "loss": res.best_loss, "scale_applied_by": folded,
                                     "clipped": max_val is not None}
             changed.append(_full(bpath, n, "weight"))
         for n, lin in zip(names, lins):
             if hasattr(lin, INPUT_SCALE_BUFFER):
                 changed.append(_full(bpath, n, INPUT_SCALE_BUFFER))
+
+
+def qparams_of(qt, g_idx: torch.Tensor | None = None) -> dict[str, Any]:
+    """What packing a quantized weight needs besides the weight: scale, zero, g_idx and the spec."""
+    return {"scale": qt.scale.detach().cpu(), "zero": qt.zero.detach().cpu(), "g_idx": None if g_idx is None else g_idx.detach().cpu(),
+            "bits": qt.bits, "group_size": qt.group_size, "sym": qt.sym}
 
 
 def _full(bpath: str, rel: str | None, leaf: str) -> str:

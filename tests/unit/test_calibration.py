@@ -156,3 +156,20 @@ def test_cache_hit_restores_identical_weights_and_corruption_is_recomputed(llava
     # a different calibration set is a different entry
     other = quantize_(fresh(llava_dir), r, calibration=CalibrationSet(calib.batches[:5], "world", 5, 1, 512), cache_dir=tmp_path)
     assert other.calibration["cache"] == "miss" and other.calibration["cache_key"] != first.calibration["cache_key"]
+
+
+def test_qparams_reproduce_every_quantized_weight_also_from_the_cache(llava_dir, calib, tmp_path):
+    from lmms_quant.quantizers.rtn import dequantize_codes, quantize_codes
+
+    r = recipe_from_args({"method": "gptq", "bits_llm": 3, "method_vit": "rtn", "bits_vit": 4, "group_size_vit": 16, "sym_vit": False})
+    for attempt in ("miss", "hit"):
+        m = fresh(llava_dir)
+        report = quantize_(m, r, calibration=calib, cache_dir=tmp_path)
+        assert (report.calibration["cache"] == attempt) and set(report.qparams) == {x["name"] for x in report.modules}
+        modules = dict(m.named_modules())
+        for name, qp in report.qparams.items():
+            w = modules[name].weight.detach().float()
+            g = w.shape[1] if qp["group_size"] == -1 else qp["group_size"]
+            scale, zero = qp["scale"].reshape(-1, 1), qp["zero"].reshape(-1, 1)
+            wg = w.reshape(-1, g)
+            assert torch.allclose(dequantize_codes(quantize_codes(wg, scale, zero, qp["bits"]), scale, zero), wg, atol=1e-5), name

@@ -67,3 +67,26 @@ def test_our_cli_exits_nonzero_when_the_evaluation_fails(tmp_path):
                 "--tasks", "lq_world_vqa", "--limit", "2"], tmp_path)
     assert proc.returncode == 1
     assert "lmms-quant: the evaluation failed: FileNotFoundError: pretrained='/no/such/model': no such folder" in proc.stderr
+
+
+def test_a_regular_pip_install_serves_the_backend_and_the_tasks(tmp_path):
+    """`pip install .` (not editable): build the wheel, install it to a folder that shadows the editable install."""
+    root = Path(__file__).resolve().parents[2]
+    wheel_dir, target = tmp_path / "wheel", tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", str(root), "-w", str(wheel_dir)], check=True, env=ENV, timeout=300)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), *map(str, wheel_dir.glob("*.whl"))],
+                   check=True, env=ENV, timeout=300)
+    script = (
+        "import sys, lmms_quant; print('FROM', lmms_quant.__file__)\n"
+        "sys.argv = ['lmms-eval', '--model', 'quant_vlm', '--model_args', 'bits_llm=4', '--tasks', 'lq_world_vqa', '--limit', '2',"
+        f" '--output_path', {str(tmp_path / 'out')!r}]\n"
+        "from lmms_eval.__main__ import cli_evaluate; cli_evaluate()\n"
+    )
+    env = {**ENV, "PYTHONPATH": str(target), "LMMS_QUANT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert f"FROM {target}" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    results = list((tmp_path / "out").rglob("*_results.json"))
+    assert len(results) == 1, proc.stderr[-3000:]
+    from lmms_quant.models import DEFAULT_MODEL
+
+    assert json.loads(results[0].read_text())["lmms_quant"]["model"]["name"] == DEFAULT_MODEL

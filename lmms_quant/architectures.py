@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ComponentMap", "Architecture", "ARCHITECTURES", "ATTN_PATTERN", "MLP_PATTERN", "architecture_for"]
+__all__ = ["ComponentMap", "Architecture", "ARCHITECTURES", "LANGUAGE_MODELS", "ATTN_PATTERN", "MLP_PATTERN", "architecture_for"]
 
 #: Block-relative Linear names that belong to attention.
 ATTN_PATTERN = r"^(self_attn|attention|crossattention|attn|self_attention|layer\.\d+\.(SelfAttention|EncDecAttention))\."
@@ -118,11 +118,25 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+#: Text-only causal LMs, studied alone (lm-eval's ``quant_llm``): the text models
+#: of the VLM families above.  Only the ``llm`` component exists; ``lm_head`` is
+#: part of it but, as in every VLM, stays unquantized unless an override says so.
+_CAUSAL_LM = _cm(["model", "lm_head"], ["model.layers", "model.decoder.layers"], "language model")
+LANGUAGE_MODELS: dict[str, Architecture] = {
+    "LlamaForCausalLM": Architecture(family="llama", vit=None, connector=None, llm=_CAUSAL_LM),
+    "MistralForCausalLM": Architecture(family="mistral", vit=None, connector=None, llm=_CAUSAL_LM),
+    "Qwen2ForCausalLM": Architecture(family="qwen2", vit=None, connector=None, llm=_CAUSAL_LM),
+    "OPTForCausalLM": Architecture(family="opt", vit=None, connector=None, llm=_CAUSAL_LM),
+}
+
+
 def architecture_for(model) -> Architecture | None:
-    """The table row for ``model``'s class (or a parent class), or ``None``."""
+    """The table row for ``model``'s class (or a parent class), from
+    :data:`ARCHITECTURES` or :data:`LANGUAGE_MODELS`, or ``None``."""
     for cls in type(model).__mro__:
-        if cls.__name__ in ARCHITECTURES:
-            return ARCHITECTURES[cls.__name__]
+        for table in (ARCHITECTURES, LANGUAGE_MODELS):
+            if cls.__name__ in table:
+                return table[cls.__name__]
     return None
 
 

@@ -4,6 +4,10 @@
 non-zero when an evaluation failed (lmms-eval 0.7.3 prints the traceback and
 exits 0) and prints where the results JSON went.
 
+``lmms-quant lm-eval ARGS...``  runs lm-eval's (lm-evaluation-harness) CLI with ARGS after
+registering the ``quant_llm`` backend and the ``lq_text_ppl`` task (lm-eval reads no
+plugins from installed packages): text benchmarks for the quantized VLM's language model.
+
 ``lmms-quant demo``  the main job on the embedded default model, offline:
 ``lmms-eval --model quant_vlm --model_args bits_llm=3,bits_vit=4 --tasks lq_offline``.
 
@@ -60,9 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:  # everything after `eval` belongs to lmms-eval, flags included
         return run_lmms_eval([a for a in argv[1:] if a != "--"])
+    if argv[:1] == ["lm-eval"]:  # everything after `lm-eval` belongs to lm-eval
+        from lmms_quant.model_wrappers.lm_eval_plugin import run_lm_eval
+
+        return run_lm_eval([a for a in argv[1:] if a != "--"])
     parser = argparse.ArgumentParser(prog="lmms-quant", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("eval", help="run lmms-eval with the arguments that follow; non-zero exit on failure")
+    sub.add_parser("lm-eval", help="run lm-eval (lm-evaluation-harness) with quant_llm and lq_text_ppl registered; "
+                                   "the arguments that follow are lm-eval's")
     sub.add_parser("demo", help="the offline demo: quant_vlm with bits_llm=3,bits_vit=4 on lq_offline")
     sub.add_parser("models", help="list the bundled toy models")
     ns = parser.parse_args(argv)

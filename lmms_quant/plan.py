@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .architectures import ARCHITECTURES, ATTN_PATTERN, MLP_PATTERN, Architecture, architecture_for
+from .architectures import ARCHITECTURES, ATTN_PATTERN, LANGUAGE_MODELS, MLP_PATTERN, Architecture, architecture_for
 from .recipe import COMPONENTS, QuantSpec, Recipe, RecipeError
 
 __all__ = ["LayerTarget", "QuantPlan", "ComponentBlocks", "plan", "resolve_components", "UnsupportedModelError"]
@@ -108,7 +108,7 @@ def resolve_components(model: nn.Module, recipe: Recipe | None = None) -> tuple[
     arch = architecture_for(model)
     if arch is None:
         raise UnsupportedModelError(
-            f"model class {cls} is not in the architecture table; supported: {', '.join(sorted(ARCHITECTURES))}. "
+            f"model class {cls} is not in the architecture table; supported: {', '.join(sorted(ARCHITECTURES))}; text-only: {', '.join(sorted(LANGUAGE_MODELS))}. "
             "For another model, name its components in a recipe file by regex over module names, e.g.\n"
             "component_patterns:\n  vit: '^vision_encoder\\.layers\\.'\n  llm: '^decoder\\.layers\\.'"
         )

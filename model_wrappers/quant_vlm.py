@@ -179,6 +179,9 @@ class QuantVLM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Batched generation, grouped by identical generation settings, left padded."""
         self._ensure_quantized(requests)
+        from lmms_quant.model_wrappers.retrieval import is_retrieval_request, serve_with_retrieval
+        if any(map(is_retrieval_request, requests)):  # retrieval tasks: one similarity matrix per gallery
+            return serve_with_retrieval(self, requests, self.generate_until)
         order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))
         results: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm generate")

@@ -36,6 +36,10 @@ BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "
                     "trust_remote_code", "attn_implementation", "verify", "cache", "cache_dir")
 
 
+#: Task generation_kwargs handed to ``generate()`` as they are (beyond max_new_tokens, temperature, top_p, num_beams).
+PASSED_GEN_KWARGS = ("min_length", "min_new_tokens", "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "top_k")
+
+
 class ConfigurationExit(SystemExit):
     """Bad ``--model_args``: stops the run with a non-zero exit status and a clear message.
 
@@ -215,6 +219,9 @@ class QuantVLM(lmms):
                 gen["temperature"] = temperature
                 if gen_kwargs.get("top_p") is not None:
                     gen["top_p"] = float(gen_kwargs["top_p"])
+            for key in PASSED_GEN_KWARGS:
+                if gen_kwargs.get(key) is not None:
+                    gen[key] = gen_kwargs[key]
             with torch.inference_mode():
                 out = self._model.generate(**inputs, **gen)
             new_tokens = out[:, inputs["input_ids"].shape[1]:]

@@ -72,3 +72,16 @@ def test_configuration_errors_exit_before_loading():
         QuantVLM(pretrained="/definitely/not/loaded", bits_vit=1)
     with pytest.raises(ConfigurationExit, match=r"batch_size must be >= 1"):
         QuantVLM(pretrained="/definitely/not/loaded", batch_size=0)
+
+
+def test_task_generation_settings_reach_generate(lm, monkeypatch):
+    seen = {}
+    original = lm.model.generate
+
+    def spy(**kwargs):
+        seen.update(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(lm.model, "generate", spy)
+    lm.generate_until(gen_requests(1, {"max_new_tokens": 4, "num_beams": 2, "min_length": 1, "length_penalty": 0.0, "until": ["\n"]}))
+    assert (seen["num_beams"], seen["min_length"], seen["length_penalty"], seen["max_new_tokens"]) == (2, 1, 0.0, 4)

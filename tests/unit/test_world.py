@@ -1,0 +1,165 @@
+"""The synthetic world: determinism, split disjointness and the exported data's schemas."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lmms_quant.metrics.vqa import normalize_answer, vqa_accuracy
+from lmms_quant.world import KIND_OF_QUESTION_TYPE, SPLITS, make_item
+from lmms_quant.world.export import DEFAULT_COUNTS, caption_row, export, retrieval_rows, vqa_rows
+from lmms_quant.world.scene import relation
+
+DATA = Path(__file__).resolve().parents[2] / "tasks" / "data" / "world"
+
+CAPTION_KEYS = {
+    "question_id": str,
+    "image": str,
+    "question": str,
+    "answer": list,
+    "id": int,
+    "license": int,
+    "file_name": str,
+    "coco_url": str,
+    "height": int,
+    "width": int,
+    "date_captured": str,
+}
+VQA_KEYS = {
+    "question_id": int,
+    "question": str,
+    "question_type": str,
+    "answers": list,
+    "image_id": int,
+    "answer_type": str,
+    "multiple_choice_answer": str,
+    "image": str,
+}
+RETRIEVAL_KEYS = {"image": str, "caption": list, "sentids": list, "img_id": str, "filename": str}
+
+
+def _rows(name: str) -> list[dict]:
+    with (DATA / name).open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def _check_keys(row: dict, keys: dict[str, type]) -> None:
+    assert set(row) == set(keys)
+    for key, typ in keys.items():
+        assert isinstance(row[key], typ) and not isinstance(row[key], bool), (key, row[key])
+
+
+def test_same_seed_same_item() -> None:
+    for split in SPLITS:
+        for index in (0, 1, 7):
+            a, b = make_item(split, index), make_item(split, index)
+            assert a.image.dtype == np.uint8 and a.image.shape == (64, 64, 3)
+            assert np.array_equal(a.image, b.image)
+            assert a.captions == b.captions and a.questions == b.questions
+
+
+def test_other_seed_other_item() -> None:
+    a, b = make_item("test", 0, seed=1), make_item("test", 0, seed=2)
+    assert not np.array_equal(a.image, b.image)
+
+
+def test_splits_are_disjoint() -> None:
+    digests = {}
+    for split in SPLITS:
+        digests[split] = {hashlib.sha1(make_item(split, i).image.tobytes()).hexdigest() for i in range(64)}
+        assert len(digests[split]) == 64
+    assert not digests["train"] & digests["test"]
+    assert not digests["train"] & digests["calibration"]
+    assert not digests["test"] & digests["calibration"]
+
+
+def test_scene_invariants_and_twins() -> None:
+    for i in range(0, 40, 2):
+        base, twin = make_item("train", i), make_item("train", i + 1)
+        for item in (base, twin):
+            objs = item.scene.objects
+            assert 1 <= len(objs) <= 3
+            assert len({o.colour for o in objs}) == len(objs)
+            assert all(relation(a, b) is not None for k, a in enumerate(objs) for b in objs[k + 1 :])
+        assert twin.scene.twin_of == i
+        diffs = [
+            (a.colour != b.colour) + (a.shape != b.shape) + (a.size != b.size)
+            for a, b in zip(base.scene.objects, twin.scene.objects)
+        ]
+        assert sorted(diffs)[-1] == 1 and sum(diffs) == 1
+
+
+def test_questions_and_answers() -> None:
+    kinds = set()
+    for i in range(60):
+        item = make_item("test", i)
+        assert len(item.captions) == 5 and len(set(item.captions)) == 5
+        assert 1 <= len(item.questions) <= 3
+        for q in item.questions:
+            kinds.add(q.kind)
+            assert len(q.answers) == 10
+            assert len(set(q.answers)) >= 2  # raw forms differ: only normalisation makes them agree
+            assert sum(normalize_answer(a) == q.answer for a in q.answers) >= 8
+            assert vqa_accuracy(q.answer, list(q.answers)) == 1.0
+    assert kinds == set(KIND_OF_QUESTION_TYPE.values())
+
+
+def test_number_answers_need_normalisation() -> None:
+    forms = {a for i in range(100) for q in make_item("test", i).questions if q.answer_type == "number" for a in q.answers}
+    assert {"zero", "one", "two", "three"} & forms and {"0", "1", "2", "3"} & forms
+
+
+@pytest.mark.parametrize("split", sorted(DEFAULT_COUNTS))
+def test_exported_files(split: str) -> None:
+    n = DEFAULT_COUNTS[split]
+    captions = _rows(f"captions_{split}.jsonl")
+    vqa = _rows(f"vqa_{split}.jsonl")
+    retrieval = _rows(f"retrieval_{split}.jsonl")
+    assert len(captions) == len(retrieval) == n
+    assert len({r["question_id"] for r in vqa}) == len(vqa) >= 2 * n
+    for row in captions:
+        _check_keys(row, CAPTION_KEYS)
+        assert len(row["answer"]) == 5 and all(isinstance(c, str) for c in row["answer"])
+        assert row["image"] == f"images/{row['file_name']}" == f"images/{row['question_id']}"
+        assert row["question"] == "Provide a one-sentence caption for the provided image."
+        assert (DATA / row["image"]).is_file()
+    for row in vqa:
+        _check_keys(row, VQA_KEYS)
+        assert [a["answer_id"] for a in row["answers"]] == list(range(1, 11))
+        assert all(set(a) == {"answer", "answer_confidence", "answer_id"} for a in row["answers"])
+        assert all(a["answer_confidence"] == "yes" for a in row["answers"])
+        assert row["answer_type"] in {"yes/no", "number", "other"}
+        assert row["question_type"] in KIND_OF_QUESTION_TYPE
+        assert (DATA / row["image"]).is_file()
+    for row in retrieval:
+        _check_keys(row, RETRIEVAL_KEYS)
+        assert len(row["caption"]) == 5 and len(row["sentids"]) == 5
+        assert all(isinstance(s, int) for s in row["sentids"])
+        assert row["image"] == f"images/{row['filename']}"
+    with Image.open(DATA / captions[0]["image"]) as im:
+        assert im.size == (64, 64) and im.mode == "RGB"
+
+
+def test_export_matches_generator(tmp_path: Path) -> None:
+    """The shipped files are what the exporter writes now (first rows and pixels)."""
+    item = make_item("test", 3)
+    assert _rows("captions_test.jsonl")[3] == caption_row(item)
+    assert _rows("retrieval_test.jsonl")[3] == next(retrieval_rows(item))
+    first = [r for r in _rows("vqa_test.jsonl") if r["image_id"] == item.image_id]
+    assert first == list(vqa_rows(item))
+    with Image.open(DATA / f"images/{item.file_name}") as im:
+        assert np.array_equal(np.asarray(im), item.image)
+    written = export(tmp_path, counts={"test": 4})
+    assert written == {"captions_test.jsonl": 4, "vqa_test.jsonl": written["vqa_test.jsonl"], "retrieval_test.jsonl": 4}
+    shipped = (DATA / "captions_test.jsonl").read_text().splitlines()[:4]
+    assert (tmp_path / "captions_test.jsonl").read_text().splitlines() == shipped
+
+
+def test_data_folder_is_small() -> None:
+    total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
+    assert total < 4 * 1024 * 1024

@@ -12,6 +12,11 @@ plugins from installed packages): text benchmarks for the quantized VLM's langua
 ``lmms-eval --model quant_vlm --model_args bits_llm=3,bits_vit=4 --tasks lq_offline``.
 
 ``lmms-quant models``  lists the bundled toy models.
+
+``lmms-quant sweep FILE.yaml``  runs a grid of recipes (resumable; see ``lmms_quant.analysis.sweep``).
+``lmms-quant report DIR``  tables, plots, component importance and fidelity of a results folder.
+``lmms-quant regress NEW BASELINE --tol ...``  fails when a metric dropped beyond the tolerance.
+``lmms-quant validate PATH``  checks leaderboard records against their schema.
 """
 
 from __future__ import annotations
@@ -75,7 +80,13 @@ def main(argv: list[str] | None = None) -> int:
                                    "the arguments that follow are lm-eval's")
     sub.add_parser("demo", help="the offline demo: quant_vlm with bits_llm=3,bits_vit=4 on lq_offline")
     sub.add_parser("models", help="list the bundled toy models")
+    from lmms_quant.analysis import leaderboard, regress, report, sweep
+
+    for module in (sweep, report, regress, leaderboard):
+        module.add_parser(sub)
     ns = parser.parse_args(argv)
+    if getattr(ns, "func", None) is not None:
+        return ns.func(ns)
     if ns.command == "demo":
         print("lmms-quant demo: lmms-eval " + " ".join(DEMO_ARGS), flush=True)
         return run_lmms_eval(DEMO_ARGS)

@@ -98,7 +98,7 @@ def resolve_pretrained(pretrained: str | None) -> tuple[str, str]:
     from .builtin_models import BUILTIN_MODELS
 
     name = pretrained or DEFAULT_MODEL
-    if (ZOO_DIR / name / "config.json").is_file():
+    if "/" not in name and (ZOO_DIR / name / "config.json").is_file():
         return name, str(ZOO_DIR / name)
     if name in BUILTIN_MODELS:
         return name, str(_builtin_path(name))

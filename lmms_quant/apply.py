@@ -117,10 +117,10 @@ def _quantize_data_free(mod: nn.Linear, target: LayerTarget) -> dict[str, Any]:
     spec = target.spec
     qt = rtn_quantize(mod.weight.data, spec.bits, spec.group_size, spec.sym)
     mod.weight.data.copy_(qt.weight)
-    return qparams_of(qt)
     if spec.quantize_bias and mod.bias is not None:
         b = mod.bias.data.reshape(1, -1)
         mod.bias.data.copy_(rtn_quantize(b, spec.bits, 0, False).weight.reshape(-1))
+    return qparams_of(qt)
 
 
 def verify(model: nn.Module, qplan: QuantPlan) -> None:

@@ -161,11 +161,22 @@ def test_unsupported_class_error_lists_supported_and_explains_patterns(tmp_path)
 
 def test_uniform_quantizes_bias_per_tensor():
     model = build("blip2_opt")
-    report = quantize_(model, recipe_from_args({"bits_llm": 3, "method_llm": "uniform"}))
     fc1 = dict(model.named_modules())["language_model.model.decoder.layers.0.fc1"]
+    with torch.no_grad():
+        fc1.bias.copy_(torch.randn_like(fc1.bias))  # random init leaves biases at zero
+    assert torch.unique(fc1.bias).numel() > 8
+    report = quantize_(model, recipe_from_args({"bits_llm": 3, "method_llm": "uniform"}))
     assert count_levels(fc1.weight, 0) <= 8
     assert torch.unique(fc1.bias).numel() <= 8
     assert report.modules[0]["group_size"] == 0
+    # rtn leaves biases alone unless asked
+    model = build("blip2_opt")
+    fc1 = dict(model.named_modules())["language_model.model.decoder.layers.0.fc1"]
+    with torch.no_grad():
+        fc1.bias.copy_(torch.randn_like(fc1.bias))
+    bias = fc1.bias.detach().clone()
+    quantize_(model, recipe_from_args({"bits_llm": 3}))
+    assert torch.equal(fc1.bias, bias)
 
 
 def test_verify_fails_loudly_on_an_unquantized_weight():

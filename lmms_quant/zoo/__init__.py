@@ -1,0 +1,27 @@
+"""The zoo: tiny VLMs trained from scratch on the synthetic world, shipped in the repo.
+
+``lmms_quant/zoo/models/<name>/`` holds each model as a transformers folder
+(config, safetensors weights, tokenizer, processor, ``TRAINING.md``) that
+``AutoProcessor`` / ``AutoModelForImageTextToText.from_pretrained`` load offline.
+
+* ``toy-llava``: ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP
+  projector, Llama LM); see :mod:`lmms_quant.zoo.toy_llava`.
+
+Rebuild a model with ``python -m lmms_quant.zoo.train --model NAME`` and check it
+with ``python -m lmms_quant.zoo.evaluate --model NAME --rtn``.
+"""
+
+from pathlib import Path
+
+__all__ = ["MODELS_DIR", "model_dir"]
+
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+
+
+def model_dir(name: str) -> Path:
+    """Folder of the shipped model ``name`` (e.g. ``"toy-llava"``)."""
+    path = MODELS_DIR / name
+    if not (path / "config.json").is_file():
+        known = sorted(p.name for p in MODELS_DIR.iterdir() if (p / "config.json").is_file()) if MODELS_DIR.is_dir() else []
+        raise FileNotFoundError(f"no shipped model {name!r} under {MODELS_DIR}; known: {known}")
+    return path

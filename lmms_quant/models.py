@@ -49,6 +49,10 @@ class LoadedVLM:
     name: str
     path: str
     family: str
+    #: A checkpoint that was quantized already (our packed format, GPTQ, AWQ, compressed-tensors).
+    quantization: Any = None
+    #: The QuantReport dict stored in one of our own packed checkpoints.
+    saved_report: dict | None = None
 
 
 def format_prompt(processor, family: str, text: str, n_images: int) -> str:
@@ -141,8 +145,21 @@ def load_vlm(
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
+    from .checkpoints import detect_quantization, is_packed_checkpoint, load_prequantized, load_quantized
+
     name, path = resolve_pretrained(pretrained)
+    if Path(path).is_dir() and is_packed_checkpoint(path):  # saved by lmms_quant.checkpoints.save_quantized
+        model, processor, saved = load_quantized(path, device=device, trust_remote_code=trust_remote_code)
+        return LoadedVLM(model, processor, name, path, ARCHITECTURES[type(model).__name__].family,
+                         quantization=detect_quantization(path), saved_report=saved)
     config = AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+    detected = detect_quantization(config)
+    if detected is not None:  # GPTQ / AWQ / compressed-tensors: dequantized on load, no dead packages needed
+        if not Path(path).is_dir():
+            raise ValueError(f"{name} is a {detected.method} checkpoint: download it to a local folder and pass that folder")
+        model, processor, detected = load_prequantized(path, device=device, dtype=resolve_dtype(dtype, device),
+                                                       trust_remote_code=trust_remote_code)
+        return LoadedVLM(model, processor, name, path, ARCHITECTURES[type(model).__name__].family, quantization=detected)
     arch_names = list(getattr(config, "architectures", None) or [])
     cls_name = next((a for a in arch_names if a in ARCHITECTURES), None)
     if cls_name is None:

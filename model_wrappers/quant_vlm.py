@@ -25,6 +25,7 @@ from lmms_quant.apply import quantize_
 from lmms_quant.cache import default_cache_dir
 from lmms_quant.calibration import CalibrationSet
 from lmms_quant.calibration_data import build_calibration_set
+from lmms_quant.checkpoints import AlreadyQuantizedError, ensure_not_quantized
 from lmms_quant.models import format_prompt, load_vlm
 from lmms_quant.provenance import library_versions
 from lmms_quant.recipe import RECIPE_ARG_KEYS, RecipeError, recipe_from_args
@@ -33,7 +34,8 @@ log = logging.getLogger(__name__)
 
 #: model_args that configure loading and serving (the rest are recipe keys).
 BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "batch_size", "max_new_tokens",
-                    "trust_remote_code", "attn_implementation", "verify", "cache", "cache_dir")
+                    "trust_remote_code", "attn_implementation", "verify", "cache", "cache_dir",
+                    "requantize", "save_quantized", "real_lowbit")
 
 
 #: Task generation_kwargs handed to ``generate()`` as they are (beyond max_new_tokens, temperature, top_p, num_beams).
@@ -103,6 +105,17 @@ class QuantVLM(lmms):
             self._cache_dir = kwargs.get("cache_dir") or default_cache_dir()
         self._load_s = time.perf_counter() - t0
         self.report = None
+        self._save_dir = kwargs.get("save_quantized")
+        self._real_lowbit = bool(kwargs.get("real_lowbit", False))
+        if loaded.quantization is not None:
+            if self.recipe.is_noop:  # evaluate the checkpoint as it was quantized elsewhere
+                self._record_prequantized(loaded)
+                return
+            try:
+                ensure_not_quantized(loaded.path, requantize=bool(kwargs.get("requantize", False)),
+                                     detected=loaded.quantization, name=loaded.name)
+            except AlreadyQuantizedError as exc:
+                raise ConfigurationExit(str(exc)) from None
         if self.recipe.needs_calibration and self.recipe.calibration.source == "task":
             log.warning("calib_source=task: calibrating on the evaluated task's own documents (the study's protocol); "
                         "the calibration set overlaps the test split. Quantization happens when the first requests arrive.")
@@ -131,6 +144,28 @@ class QuantVLM(lmms):
         }
         log.info("quant_vlm: %s loaded in %.1fs, quantized in %.1fs, bpw %.3f",
                  loaded.name, self._load_s, quant_s, report.bpw["model"]["study"])
+        if self._save_dir:
+            from lmms_quant.checkpoints import save_quantized
+
+            save_quantized(self._model, report, self._save_dir, self.processor)
+            QuantVLM.last_metadata["saved_to"] = str(self._save_dir)
+        if self._real_lowbit:  # after hashing and saving: this swaps the Linear modules for packed kernels
+            from lmms_quant.checkpoints import layers_from_report, to_lowbit_
+
+            kernels = to_lowbit_(self._model, layers_from_report(self._model, report))
+            QuantVLM.last_metadata["real_lowbit_layers"] = sorted(kernels)
+
+    def _record_prequantized(self, loaded) -> None:
+        """Metadata for a checkpoint that arrived quantized: its saved report, or what detection found."""
+        self.report = loaded.saved_report or {"prequantized": loaded.quantization.to_dict()}
+        QuantVLM.last_metadata = {
+            "model": {"name": loaded.name, "path": loaded.path, "revision": self._revision, "class": type(self._model).__name__,
+                      "family": loaded.family, "dtype": str(self._model.dtype), "device": str(self._device)},
+            "quantization": self.report,
+            "seed": self.recipe.seed,
+            "versions": library_versions(),
+            "timings_s": {"load": round(self._load_s, 3), "quantize": 0.0},
+        }
 
     def _ensure_quantized(self, requests: list[Instance]) -> None:
         """``calib_source=task``: calibrate on this task's own documents (images and prompts, no targets)."""

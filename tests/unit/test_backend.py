@@ -85,3 +85,26 @@ def test_task_generation_settings_reach_generate(lm, monkeypatch):
     monkeypatch.setattr(lm.model, "generate", spy)
     lm.generate_until(gen_requests(1, {"max_new_tokens": 4, "num_beams": 2, "min_length": 1, "length_penalty": 0.0, "until": ["\n"]}))
     assert (seen["num_beams"], seen["min_length"], seen["length_penalty"], seen["max_new_tokens"]) == (2, 1, 0.0, 4)
+
+
+def test_save_reload_prequantized_refuse_requantize_and_real_lowbit(tmp_path):
+    saved_dir = tmp_path / "q"
+    first = QuantVLM(pretrained="tiny-random-llava", bits_llm=4, bits_vit=3, save_quantized=str(saved_dir))
+    first.task_dict = {"t": {"test": [{"image": Image.new("RGB", (32, 32), "red")}]}}
+    expected = first.generate_until(gen_requests(1))
+    sha = QuantVLM.last_metadata["quantization"]["weights_sha256"]
+
+    again = QuantVLM(pretrained=str(saved_dir))  # no recipe: evaluate it as saved
+    again.task_dict = first.task_dict
+    assert again.generate_until(gen_requests(1)) == expected
+    assert QuantVLM.last_metadata["quantization"]["weights_sha256"] == sha
+    assert QuantVLM.last_metadata["timings_s"]["quantize"] == 0.0
+
+    with pytest.raises(ConfigurationExit, match=r"already quantized|requantize"):
+        QuantVLM(pretrained=str(saved_dir), bits_llm=3)
+    QuantVLM(pretrained=str(saved_dir), bits_llm=3, requantize=True)  # explicitly asked: allowed
+
+    real = QuantVLM(pretrained="tiny-random-llava", bits_llm=4, bits_vit=3, real_lowbit=True)
+    real.task_dict = first.task_dict
+    assert len(QuantVLM.last_metadata["real_lowbit_layers"]) == 26
+    assert real.generate_until(gen_requests(1)) == expected

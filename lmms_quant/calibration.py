@@ -110,11 +110,31 @@ def attach_input_scale(linear: nn.Linear, scale: torch.Tensor) -> None:
     linear.register_forward_pre_hook(_input_scale_pre_hook)
 
 
+def _is_kv_cache(value: Any) -> bool:
+    """A transformers ``Cache`` (``DynamicCache``, ``EncoderDecoderCache``...), recognised by its methods."""
+    return hasattr(value, "get_seq_length") and hasattr(value, "update")
+
+
+def _without_kv_cache(kwargs: dict) -> dict:
+    """The captured block kwargs with the model's key/value cache removed.
+
+    A decoder called with ``use_cache`` (the default of causal LMs) hands every
+    layer one shared cache.  The driver runs each block several times on the
+    captured inputs; each run would append its keys and values to that cache,
+    and a later run would attend to the stale ones of the first run (computed
+    by the not-yet-quantized k/v projections) instead of its own.
+    """
+    out = {k: (None if _is_kv_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in out:
+        out["use_cache"] = False
+    return out
+
+
 def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: Sequence[dict]) -> list[tuple[tuple, dict]]:
     captured: list[tuple[tuple, dict]] = []
 
     def catch(module, args, kwargs):
-        captured.append((args, dict(kwargs)))
+        captured.append((args, _without_kv_cache(kwargs)))
         raise _StopForward
 
     with _hooks() as handles, torch.no_grad():

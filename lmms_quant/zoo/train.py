@@ -291,8 +291,12 @@ def train_toy_llava(recipe: Recipe, out: Path | None, log: Callable[[str], None]
     vision_curve = train_vision(model.model.vision_tower, probe, recipe, log=log, device=device)
     # Stage 2: the dense loss rides on the tower's last layer inside LLaVA's own forward.
     captured: list[torch.Tensor] = []
+
+    def capture(_module, _inputs, out) -> None:
+        captured.append(out[0] if isinstance(out, tuple) else out)
+
     last_layer = model.model.vision_tower.encoder.layers[-1]
-    hook = last_layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+    hook = last_layer.register_forward_hook(capture)
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": recipe.weight_decay},
@@ -327,7 +331,7 @@ def train_toy_llava(recipe: Recipe, out: Path | None, log: Callable[[str], None]
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             hook.remove()  # generation must not grow the capture list
             m = ev.evaluate(model, processor, "llava", eval_vqa, eval_caps[:32])
-            hook = last_layer.register_forward_hook(lambda _m, _i, out: captured.append(out[0] if isinstance(out, tuple) else out))
+            hook = last_layer.register_forward_hook(capture)
             point = {"step": step + 1, "seconds": round(time.time() - t0, 1), "loss": float(np.mean(losses[-50:]))}
             point.update({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
             curve.append(point)
@@ -358,6 +362,11 @@ def _table(rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in body]
     return "\n".join(lines)
+
+
+def _at_bits(accs: dict, bits: int) -> float:
+    """``accs[bits]``: keys are ints in a fresh evaluation, strings once read back from JSON."""
+    return accs[str(bits)] if str(bits) in accs else accs[bits]
 
 
 def training_md(report: dict, evaluation: dict | None) -> str:
@@ -409,7 +418,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
             bits = sorted({int(b) for comp in evaluation["rtn"].values() for b in comp})
             rows = [["component quantized (RTN, per channel, symmetric)", *[f"W{b}" for b in bits]]]
             for comp, accs in evaluation["rtn"].items():
-                rows.append([comp] + [f"{accs[str(b)] if str(b) in accs else accs[b]:.4f}" for b in bits])
+                rows.append([comp] + [f"{_at_bits(accs, b):.4f}" for b in bits])
             lines += [
                 f"## VQA accuracy with one component quantized (full precision: {fp['vqa']:.4f})",
                 "",
@@ -419,7 +428,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
                 _table(rows),
                 "",
             ]
-            drop = max(fp["vqa"] - accs[str(2) if str(2) in accs else 2] for accs in evaluation["rtn"].values() if (str(2) in accs or 2 in accs))
+            drop = max(fp["vqa"] - _at_bits(accs, 2) for accs in evaluation["rtn"].values() if "2" in accs or 2 in accs)
             met_fp, met_drop = fp["vqa"] >= GOAL_VQA, drop >= GOAL_W2_DROP
             lines += [
                 "## Against the project's goals",

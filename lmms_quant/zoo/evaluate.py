@@ -8,10 +8,12 @@
   are lower-cased and split on spaces, since every world caption is already in
   that form, so no Java PTB tokenizer is needed) and the share of captions that
   equal one of the five references.
-* RTN: per-output-channel symmetric round-to-nearest
+* Quantization tables: round-to-nearest
   (:func:`lmms_quant.quantizers.rtn.fake_quantize`) on every ``nn.Linear`` weight
   inside one component's transformer blocks (for the projector: its two
-  linears), the rest of the model untouched.
+  linears), the rest of the model untouched, in two schemes (:data:`SCHEMES`):
+  ``rtn`` (per output channel, symmetric: lmms-quant's ``rtn``) and ``uniform``
+  (per tensor, asymmetric min-max, biases rounded too: the study's baseline).
 
 This is the zoo's own check of its models, independent of lmms-eval.
 """
@@ -36,6 +38,7 @@ from lmms_quant.world import KIND_OF_QUESTION_TYPE
 
 __all__ = [
     "COMPONENT_BLOCKS",
+    "SCHEMES",
     "caption_metrics",
     "generate",
     "load_rows",
@@ -67,6 +70,13 @@ COMPONENT_BLOCKS: dict[str, dict[str, str]] = {
         "projector": "qformer.encoder.layer",
         "llm": "language_model.model.decoder.layers",
     },
+}
+
+
+# The quantization schemes of the zoo's tables: (group_size, sym, round biases too).
+SCHEMES: dict[str, tuple[int, bool, bool]] = {
+    "rtn": (-1, True, False),  # lmms-quant's `rtn` default: per output channel, symmetric
+    "uniform": (0, False, True),  # the study's baseline: per tensor, asymmetric min-max, biases too
 }
 
 
@@ -144,14 +154,19 @@ def _component_linears(model: nn.Module, model_type: str, component: str) -> lis
 
 
 @torch.no_grad()
-def quantize_component(model: nn.Module, model_type: str, component: str, bits: int) -> int:
-    """Fake-quantize (RTN, per channel, symmetric) the block linears of one component.
+def quantize_component(model: nn.Module, model_type: str, component: str, bits: int, scheme: str = "rtn") -> int:
+    """Fake-quantize the block linears of one component in ``scheme`` (:data:`SCHEMES`).
 
     Works in place; returns the number of weights quantized.
     """
+    if scheme not in SCHEMES:
+        raise ValueError(f"scheme must be one of {sorted(SCHEMES)}, got {scheme!r}")
+    group_size, sym, with_bias = SCHEMES[scheme]
     n = 0
     for lin in _component_linears(model, model_type, component):
-        lin.weight.copy_(fake_quantize(lin.weight, bits, group_size=-1, sym=True))
+        lin.weight.copy_(fake_quantize(lin.weight, bits, group_size=group_size, sym=sym))
+        if with_bias and lin.bias is not None:
+            lin.bias.copy_(fake_quantize(lin.bias.reshape(1, -1), bits, group_size=0, sym=False).reshape(-1))
         n += lin.weight.numel()
     return n
 
@@ -179,16 +194,17 @@ def rtn_table(
     bits: Sequence[int] = (2, 3, 4, 8),
     components: Sequence[str] = ("vision", "projector", "llm"),
     log: Callable[[str], None] = print,
+    scheme: str = "rtn",
 ) -> dict[str, dict[int, float]]:
-    """VQA accuracy with one component RTN-quantized at each bit width."""
+    """VQA accuracy with one component quantized (``scheme``, :data:`SCHEMES`) at each bit width."""
     table: dict[str, dict[int, float]] = {}
     for comp in components:
         table[comp] = {}
         for b in bits:
             q = copy.deepcopy(model)
-            quantize_component(q, model_type, comp, b)
+            quantize_component(q, model_type, comp, b, scheme)
             table[comp][b] = evaluate(q, processor, model_type, vqa_rows, [])["vqa"]
-            log(f"rtn {comp} w{b}: vqa {table[comp][b]:.4f}")
+            log(f"{scheme} {comp} w{b}: vqa {table[comp][b]:.4f}")
     return table
 
 
@@ -210,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, default=DATA_DIR)
     parser.add_argument("--split", default="test", choices=["test", "calibration"])
     parser.add_argument("--limit", type=int, default=None, help="first N VQA rows / caption rows")
-    parser.add_argument("--rtn", action="store_true", help="also the per-component RTN table")
+    parser.add_argument("--rtn", action="store_true", help="also the per-component tables (rtn and uniform schemes)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
@@ -226,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     result["fp"] = evaluate(model, processor, model_type, vqa_rows, caption_rows)
     print(json.dumps(result["fp"], indent=1))
     if args.rtn:
-        result["rtn"] = rtn_table(model, processor, model_type, vqa_rows, bits=args.bits)
+        for scheme in SCHEMES:
+            result[scheme] = rtn_table(model, processor, model_type, vqa_rows, bits=args.bits, scheme=scheme)
     result["seconds"] = round(time.time() - t0, 1)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1))

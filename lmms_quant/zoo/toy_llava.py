@@ -11,7 +11,9 @@ Prompts (lmms-eval's ``llava_hf`` / the reference study's)::
     VQA:     "USER: <image>\\n{question}\\nAnswer the question using a single word or phrase. ASSISTANT:"
     caption: "USER: <image>\\nProvide a one-sentence caption for the provided image. ASSISTANT:"
 
-and the target is ``" {answer}"`` followed by ``</s>``.
+and the target is ``" {answer}"`` followed by ``</s>``.  Training examples may hold
+several turns (LLaVA's multi-turn format): a later turn's prompt is
+:data:`FOLLOWUP_VQA_PROMPT` right after the previous turn's ``</s>``.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ __all__ = [
     "CAPTION_PROMPT",
     "CLIP_MEAN",
     "CLIP_STD",
+    "FOLLOWUP_VQA_PROMPT",
     "VQA_PROMPT",
     "ToyLlavaSpec",
     "build_model",
@@ -46,6 +49,7 @@ __all__ = [
 ]
 
 VQA_PROMPT = "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:"
+FOLLOWUP_VQA_PROMPT = " USER: {question}\nAnswer the question using a single word or phrase. ASSISTANT:"
 CAPTION_PROMPT = "USER: <image>\nProvide a one-sentence caption for the provided image. ASSISTANT:"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -163,20 +167,29 @@ def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerFast, prompts: list[str], targets: list[str], image_tokens: int
+    tokenizer: PreTrainedTokenizerFast, conversations: list[list[tuple[str, str]]], image_tokens: int
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for training.
 
-    Each sequence is ``<s> prompt(with image tokens expanded) target </s>``; labels
-    are ``-100`` everywhere but on the target words and ``</s>``.
+    Each conversation is a list of ``(prompt, target)`` turns, the first prompt holding
+    ``<image>``.  A sequence is ``<s> prompt_1 target_1 </s> prompt_2 target_2 </s> ...``
+    (image tokens expanded); labels are ``-100`` everywhere but on the target words
+    and each ``</s>``.
     """
     image = "<image>" * image_tokens
     rows, labels = [], []
-    for prompt, target in zip(prompts, targets):
-        p = tokenizer(prompt.replace("<image>", image))["input_ids"]
-        t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        rows.append(p + t)
-        labels.append([IGNORE_INDEX] * len(p) + t)
+    for turns in conversations:
+        if not turns:
+            raise ValueError("every conversation needs at least one (prompt, target) turn")
+        row: list[int] = []
+        lab: list[int] = []
+        for k, (prompt, target) in enumerate(turns):
+            p = tokenizer(prompt.replace("<image>", image), add_special_tokens=k == 0)["input_ids"]
+            t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            row += p + t
+            lab += [IGNORE_INDEX] * len(p) + t
+        rows.append(row)
+        labels.append(lab)
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     lab = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)

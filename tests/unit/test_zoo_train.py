@@ -8,8 +8,18 @@ import torch
 
 from lmms_quant.world import IMAGE_SIZE, make_item
 from lmms_quant.world.scene import Obj, Scene, render
-from lmms_quant.zoo.toy_llava import ToyLlavaSpec
-from lmms_quant.zoo.train import DENSE_CLASSES, MIN_COVER, DenseProbe, Recipe, lr_at, patch_labels, train_toy_llava
+from lmms_quant.zoo.tokenizer import build_tokenizer
+from lmms_quant.zoo.toy_llava import CAPTION_PROMPT, FOLLOWUP_VQA_PROMPT, VQA_PROMPT, ToyLlavaSpec, encode_examples
+from lmms_quant.zoo.train import (
+    DENSE_CLASSES,
+    MIN_COVER,
+    DenseProbe,
+    Recipe,
+    lr_at,
+    patch_labels,
+    train_toy_llava,
+    training_batch,
+)
 
 
 def _brute_force_labels(scene: Scene, patch: int) -> np.ndarray:
@@ -71,6 +81,8 @@ def test_recipe_rejects_bad_values() -> None:
         Recipe(aux_weight=-0.5)
     with pytest.raises(ValueError, match="caption_fraction"):
         Recipe(caption_fraction=2.0)
+    with pytest.raises(ValueError, match="vqa_turns must be >= 1, got 0"):
+        Recipe(vqa_turns=0)
     r = Recipe(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, r) == pytest.approx(0.1) and lr_at(9, r) == pytest.approx(1.0)
     assert lr_at(99, r) == pytest.approx(0.1, abs=1e-3)
@@ -91,3 +103,101 @@ def test_two_stages_are_bit_reproducible() -> None:
     assert a["vision_curve"] == b["vision_curve"] and len(a["vision_curve"]) == 1
     assert [p["loss"] for p in a["curve"]] == [p["loss"] for p in b["curve"]]
     assert any(line.startswith("stage 1 ") for line in logs)
+
+
+def test_multi_turn_encoding_labels_only_the_answers() -> None:
+    tok = build_tokenizer()
+    turns = [
+        (VQA_PROMPT.format(question="what shape is the red thing?"), "circle"),
+        (FOLLOWUP_VQA_PROMPT.format(question="how many shapes are there?"), "2"),
+    ]
+    batch = encode_examples(tok, [turns, turns[:1]], image_tokens=4)
+    ids, labels, mask = batch["input_ids"], batch["labels"], batch["attention_mask"]
+    assert ids.shape[0] == 2 and int(mask[1].sum()) < int(mask[0].sum())
+    assert (ids[0] == tok.convert_tokens_to_ids("<image>")).sum() == 4 and ids[0, 0] == tok.bos_token_id
+    assert int((ids[0] == tok.bos_token_id).sum()) == 1  # later turns add no <s>
+    eos = tok.eos_token_id
+    assert tok.decode([t for t in labels[0].tolist() if t != -100]) == f"circle {tok.eos_token} 2 {tok.eos_token}"
+    # every labelled position holds the token it labels, and everything else is -100
+    lab = labels[0]
+    assert torch.equal(lab[lab != -100], ids[0][lab != -100]) and int((lab == eos).sum()) == 2
+    text = tok.decode(ids[0][mask[0] == 1].tolist())
+    assert text.count("user :") == 2 and text.index("circle") < text.index("how many")
+    with pytest.raises(ValueError, match="at least one"):
+        encode_examples(tok, [[]], image_tokens=4)
+
+
+@pytest.mark.parametrize("caption_fraction", [0.0, 1.0])
+def test_training_batch_turns(caption_fraction: float) -> None:
+    recipe = Recipe(batch_size=4, vqa_turns=3, caption_fraction=caption_fraction)
+    images, conversations, dense = training_batch(5, recipe)
+    assert len(images) == len(conversations) == dense.shape[0] == 4
+    for j, turns in enumerate(conversations):
+        item = make_item("train", 5 * 4 + j, recipe.world_seed)
+        assert len(turns) == min(3, len(item.questions) + int(caption_fraction == 1.0))
+        first, *rest = turns
+        assert first[0] == (CAPTION_PROMPT if caption_fraction else VQA_PROMPT.format(question=first[0].split("\n")[1]))
+        assert "<image>" in first[0] and all("<image>" not in p and p.startswith(" USER: ") for p, _ in rest)
+        answers = {q.question: q.answer for q in item.questions}
+        asked = [p.split("USER: ")[1].split("\n")[0] if "<image>" not in p else p.split("\n")[1] for p, _ in turns]
+        vqa = [(a, t) for (p, t), a in zip(turns, asked) if p != CAPTION_PROMPT]
+        assert len({a for a, _ in vqa}) == len(vqa) and all(answers[a] == t for a, t in vqa)
+        if caption_fraction:
+            assert first[1] in item.captions
+    assert training_batch(5, recipe)[1] == conversations  # a pure function of (step, recipe)
+
+
+def test_quantize_component_schemes() -> None:
+    from lmms_quant.quantizers.rtn import fake_quantize
+    from lmms_quant.zoo import evaluate as ev
+    from lmms_quant.zoo.toy_llava import build_model
+
+    torch.manual_seed(0)
+    spec = ToyLlavaSpec(
+        vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64
+    )
+    model = build_model(spec, build_tokenizer())
+    lin = model.model.vision_tower.encoder.layers[0].mlp.fc1  # CLIP linears carry biases
+    with torch.no_grad():
+        lin.bias.normal_()  # initialised to zeros
+    w, b = lin.weight.detach().clone(), lin.bias.detach().clone()
+    untouched = model.model.language_model.layers[0].mlp.up_proj.weight.detach().clone()
+    n = ev.quantize_component(model, "llava", "vision", 2, scheme="uniform")
+    assert n == sum(m.weight.numel() for m in model.model.vision_tower.encoder.layers.modules() if isinstance(m, torch.nn.Linear))
+    assert torch.equal(lin.weight, fake_quantize(w, 2, group_size=0, sym=False))
+    assert lin.weight.unique().numel() <= 4 and lin.bias.unique().numel() <= 4 and not torch.equal(lin.bias, b)
+    assert torch.equal(model.model.language_model.layers[0].mlp.up_proj.weight, untouched)
+    ev.quantize_component(model, "llava", "llm", 3, scheme="rtn")
+    up = model.model.language_model.layers[0].mlp.up_proj.weight
+    assert torch.equal(up, fake_quantize(untouched, 3, group_size=-1, sym=True))
+    with pytest.raises(ValueError, match=r"scheme must be one of \['rtn', 'uniform'\], got 'gptq'"):
+        ev.quantize_component(model, "llava", "llm", 3, scheme="gptq")
+
+
+def test_training_md_goals_use_vision_and_llm_only() -> None:
+    from lmms_quant.zoo.train import training_md
+
+    report = {
+        "model": "toy",
+        "parameters": 10,
+        "recipe": {**__import__("dataclasses").asdict(Recipe()), "spec": {}},
+        "train_seconds": 60.0,
+        "threads": 1,
+        "torch": "x",
+        "python": "y",
+        "curve": [],
+    }
+    fp = {"vqa": 0.92, "bleu4": 0.5, "cider": 1.0, "caption_exact": 0.5, "examples": ["a red circle"]}
+    evaluation = {
+        "n_vqa": 3,
+        "n_captions": 1,
+        "fp": fp,
+        # read back from JSON: string keys; the projector's large drop must not count
+        "rtn": {"vision": {"2": 0.90, "8": 0.92}, "projector": {"2": 0.10, "8": 0.92}, "llm": {"2": 0.85, "8": 0.92}},
+        "uniform": {"vision": {"2": 0.60, "8": 0.92}, "llm": {"2": 0.80, "8": 0.92}},
+    }
+    md = training_md(report, evaluation)
+    assert "full-precision VQA 0.920 (goal >= 0.9): met" in md
+    assert "2-bit rtn on the vision encoder or the LLM 7.0 points (goal >= 20): NOT met" in md
+    assert "2-bit uniform on the vision encoder or the LLM 32.0 points (goal >= 20): met" in md
+    assert "| projector | 0.1000 | 0.9200 |" in md and "group_size=0, sym=False; biases too" in md

@@ -12,8 +12,9 @@ verb ``quantize_`` with ``recipe_from_args({"method_llm": ..., "bits_llm": ...,
 "group_size_llm": ...})``; GPTQ and AWQ get a ``CalibrationSet`` of
 ``{"input_ids": ...}`` batches.  Methods: ``rtn`` (symmetric, the method's
 default), ``rtn_asym`` (asymmetric: the baseline AWQ starts from), ``gptq``
-(symmetric, no act-order, damping 0.01, block 128) and ``awq`` (asymmetric,
-grid 20, clip search).
+(symmetric, no act-order, damping 0.01, block 128), ``gptq_asym`` (the same,
+asymmetric: compare it with ``rtn_asym``) and ``awq`` (asymmetric, grid 20,
+clip search).
 
 Group 128 does not divide SmolLM2's hidden width (576 = 4.5 x 128), so the
 grouped rows use group 64 by default (``--group-sizes``).
@@ -65,13 +66,18 @@ import smollm2_common as common  # noqa: E402
 from lmms_quant import quantize_, recipe_from_args  # noqa: E402
 from lmms_quant.calibration import CalibrationSet  # noqa: E402
 
-METHODS = ("rtn", "rtn_asym", "gptq", "awq")
+METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "awq")
 CALIB_FILES = {"austen": common.AUSTEN_CALIB_FILE, "constitution": common.CALIB_FILE}
 
 
+def base_method(method: str) -> str:
+    """``rtn_asym`` -> ``rtn``, ``gptq_asym`` -> ``gptq``: the lmms-quant method a row runs."""
+    return method.removesuffix("_asym")
+
+
 def recipe_args(method: str, bits: int, group_size: int) -> dict:
-    args = {"method_llm": "rtn" if method == "rtn_asym" else method, "bits_llm": bits, "group_size_llm": group_size}
-    if method == "rtn_asym":
+    args = {"method_llm": base_method(method), "bits_llm": bits, "group_size_llm": group_size}
+    if method.endswith("_asym"):
         args["sym_llm"] = False
     return args
 
@@ -100,11 +106,11 @@ def run_config(base, method: str, bits: int, group_size: int, calib: Calibration
     if method != "fp":
         t0, c0 = time.perf_counter(), time.process_time()
         report = quantize_(model, recipe_from_args(recipe_args(method, bits, group_size)),
-                           calibration=calib if method in ("gptq", "awq") else None)
+                           calibration=calib if base_method(method) in ("gptq", "awq") else None)
         row["quant_s"], row["quant_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         row["n_quantized"] = len(report.modules)
         layers = (report.calibration or {}).get("layers", {})
-        if method == "gptq":
+        if base_method(method) == "gptq":
             row["mean_gptq_error"] = sum(v["error"] for v in layers.values()) / max(1, len(layers))
         if method == "awq":
             row["awq_ratios"] = sorted({v["ratio"] for v in layers.values()})

@@ -11,6 +11,8 @@ environment (it pins transformers and compressed-tensors)::
     python benchmarks/bench_llmcompressor_parity.py --llmc-python /tmp/llmc-venv/bin/python
     # reuse the rows of an earlier bench_smollm2_ppl.py --json run for our side
     python benchmarks/bench_llmcompressor_parity.py --ours-json ours.json
+    # calibration text: --calib-file austen (default, as bench_smollm2_ppl.py) or constitution (the first runs)
+    python benchmarks/bench_llmcompressor_parity.py --configs gptq:4:64 --calib-file constitution
     # one side only, writing JSON
     PYTHONPATH=$PWD /tmp/llmc-venv/bin/python benchmarks/bench_llmcompressor_parity.py --side llmc --out llmc.json
     python benchmarks/bench_llmcompressor_parity.py --side ours --out ours.json
@@ -75,11 +77,22 @@ def parse_configs(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
+CALIB_FILES = {"austen": common.AUSTEN_CALIB_FILE, "constitution": common.CALIB_FILE}
+
+
+def calib_path(name_or_path: str) -> Path:
+    path = CALIB_FILES.get(name_or_path, Path(name_or_path))
+    if not path.is_file():
+        raise SystemExit(f"calibration file {path} not found (or name one of {', '.join(CALIB_FILES)})")
+    return path
+
+
 def _data(tok, args):
     eval_ws = common.windows(common.token_ids(tok, common.eval_text()), args.seq_len, keep_last=True)
-    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len)
+    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len, calib_path(args.calib_file))
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
-            "eval_sha256": common.ids_sha256(eval_ws), "calib_samples": len(calib_ws), "calib_sha256": common.ids_sha256(calib_ws)}
+            "eval_sha256": common.ids_sha256(eval_ws), "calib_file": calib_path(args.calib_file).name,
+            "calib_samples": len(calib_ws), "calib_sha256": common.ids_sha256(calib_ws)}
     return eval_ws, calib_ws, meta
 
 
@@ -88,7 +101,7 @@ def side_ours(args) -> dict:
 
     base, tok = common.load_model(args.model_cache)
     eval_ws, _, meta = _data(tok, args)
-    calib = ours.calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch)
+    calib = ours.calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, calib_path(args.calib_file))
     rows = []
     for method, bits, g in parse_configs(args.configs):
         rows.append(ours.run_config(base, method, bits, g, calib, eval_ws))
@@ -161,7 +174,7 @@ def side_llmc(args) -> dict:
 
 def _run_side(python: str, side: str, out: Path, args) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--side", side, "--out", str(out), "--configs", args.configs,
-           "--calib-samples", str(args.calib_samples), "--calib-batch", str(args.calib_batch), "--seq-len", str(args.seq_len),
+           "--calib-samples", str(args.calib_samples), "--calib-file", args.calib_file, "--calib-batch", str(args.calib_batch), "--seq-len", str(args.seq_len),
            "--threads", str(args.threads), "--model-cache", str(args.model_cache)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     print("$", " ".join(cmd), flush=True)
@@ -178,7 +191,8 @@ def compare(ours: dict, theirs: dict, configs) -> None:
         if ours["meta"].get(key) != theirs["meta"].get(key):
             print(f"WARNING: {key} differs between the sides: the comparison is not on the same tokens")
     fp = next((r["ppl"] for r in ours["rows"] if r["method"] == "fp"), None)
-    print(f"\nSmolLM2-135M, calibration {theirs['meta']['calib_samples']} x {theirs['meta']['seq_len']} tokens; "
+    print(f"\nSmolLM2-135M, calibration {theirs['meta']['calib_samples']} x {theirs['meta']['seq_len']} tokens"
+          f" of {theirs['meta'].get('calib_file', '1787_united_states_constitution.txt')}; "
           f"ours torch {ours['meta']['torch']}, llm-compressor {theirs['meta'].get('llmcompressor')} torch {theirs['meta']['torch']}"
           + (f"; fp perplexity {fp:.3f}" if fp else ""))
     print("times: quantization call, wall clock and CPU time of the process; ratio = ours / llm-compressor")
@@ -201,6 +215,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path)
     ap.add_argument("--configs", default=DEFAULT_CONFIGS, help="comma-separated method:bits:group_size")
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--calib-file", default="austen", help="austen (default, as bench_smollm2_ppl.py), constitution, or a path")
     ap.add_argument("--calib-batch", type=int, default=5)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)

@@ -13,8 +13,8 @@ verb ``quantize_`` with ``recipe_from_args({"method_llm": ..., "bits_llm": ...,
 ``{"input_ids": ...}`` batches.  Methods: ``rtn`` (symmetric, the method's
 default), ``rtn_asym`` (asymmetric: the baseline AWQ starts from), ``gptq``
 (symmetric, no act-order, damping 0.01, block 128), ``gptq_asym`` (the same,
-asymmetric: compare it with ``rtn_asym``) and ``awq`` (asymmetric, grid 20,
-clip search).
+asymmetric: compare it with ``rtn_asym``), ``gptq_act`` (symmetric with
+act-order, dynamic groups) and ``awq`` (asymmetric, grid 20, clip search).
 
 Group 128 does not divide SmolLM2's hidden width (576 = 4.5 x 128), so the
 grouped rows use group 64 by default (``--group-sizes``).
@@ -66,19 +66,21 @@ import smollm2_common as common  # noqa: E402
 from lmms_quant import quantize_, recipe_from_args  # noqa: E402
 from lmms_quant.calibration import CalibrationSet  # noqa: E402
 
-METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "awq")
+METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "gptq_act", "awq")
 CALIB_FILES = {"austen": common.AUSTEN_CALIB_FILE, "constitution": common.CALIB_FILE}
 
 
 def base_method(method: str) -> str:
-    """``rtn_asym`` -> ``rtn``, ``gptq_asym`` -> ``gptq``: the lmms-quant method a row runs."""
-    return method.removesuffix("_asym")
+    """``rtn_asym`` -> ``rtn``, ``gptq_asym`` / ``gptq_act`` -> ``gptq``: the lmms-quant method a row runs."""
+    return method.removesuffix("_asym").removesuffix("_act")
 
 
 def recipe_args(method: str, bits: int, group_size: int) -> dict:
     args = {"method_llm": base_method(method), "bits_llm": bits, "group_size_llm": group_size}
     if method.endswith("_asym"):
         args["sym_llm"] = False
+    if method == "gptq_act":
+        args["act_order_llm"] = True
     return args
 
 

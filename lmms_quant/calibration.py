@@ -265,7 +265,9 @@ def _gptq_block(block, bpath, targets, inputs, info, blocksize) -> None:
             info["warnings"].append(msg)
             info["unquantized"].append(t.name)
             continue
-        res = gptq_q.gptq_quantize(lin.weight.data, H, t.spec.bits, t.spec.group_size, t.spec.sym, blocksize=blocksize)
+        sp = t.spec
+        res = gptq_q.gptq_quantize(lin.weight.data, H, sp.bits, sp.group_size, sp.sym, blocksize=blocksize, percdamp=sp.damp,
+                                   actorder=sp.act_order, static_groups=sp.static_groups)
         lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
         info["qparams"][t.name] = qparams_of(res.quantized, res.g_idx)
         info["layers"][t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}

@@ -99,7 +99,11 @@ class QuantSpec:
     channel, 0 one per tensor, ``g > 0`` groups of ``g`` input columns.
     ``sym``: symmetric (zero point fixed at mid-range) or asymmetric min-max.
     ``quantize_bias``: also round the bias (per tensor, asymmetric), as the study's
-    uniform baseline does.
+    uniform baseline does.  GPTQ only: ``act_order`` (columns in order of
+    decreasing Hessian diagonal), ``static_groups`` (group parameters from the
+    original weight, before any update) and ``damp`` (the damping, a fraction of
+    the Hessian's mean diagonal; raised tenfold with a warning while the
+    Cholesky factorisation fails).
     """
 
     bits: int = 16
@@ -107,6 +111,9 @@ class QuantSpec:
     group_size: int = -1
     sym: bool = True
     quantize_bias: bool = False
+    act_order: bool = False
+    static_groups: bool = False
+    damp: float = 0.01
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "bits")
@@ -119,6 +126,13 @@ class QuantSpec:
                 "method 'uniform' is the study's per-tensor asymmetric min-max (group_size=0, sym=false); "
                 "use method 'rtn' for per-channel or per-group rounding"
             )
+        if self.method != "gptq" and (self.act_order or self.static_groups or self.damp != 0.01):
+            raise RecipeError(
+                f"act_order, static_groups and damp are options of method 'gptq' only, but this spec's method is {self.method!r}; "
+                "set them per component (act_order_llm=true) or drop them"
+            )
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 < self.damp < 1:
+            raise RecipeError(f"damp must be a number in (0, 1) (a fraction of the Hessian's mean diagonal), got {self.damp!r}")
 
     @property
     def active(self) -> bool:
@@ -141,6 +155,9 @@ class LayerRule:
     group_size: int | None = None
     sym: bool | None = None
     quantize_bias: bool | None = None
+    act_order: bool | None = None
+    static_groups: bool | None = None
+    damp: float | None = None
     skip: bool = False
 
     def __post_init__(self) -> None:
@@ -159,7 +176,7 @@ class LayerRule:
         return re.search(self.pattern, name) is not None
 
     def apply(self, spec: QuantSpec) -> QuantSpec:
-        changes = {k: getattr(self, k) for k in ("bits", "method", "group_size", "sym", "quantize_bias") if getattr(self, k) is not None}
+        changes = {k: getattr(self, k) for k in _SPEC_KEYS if getattr(self, k) is not None}
         if "method" in changes and changes["method"] != spec.method:
             # A new method brings its own defaults for what the rule does not set.
             defaults = {k: v for k, v in METHOD_DEFAULTS[changes["method"]].items() if k not in changes}
@@ -304,7 +321,8 @@ class Recipe:
 # Parsing
 # ---------------------------------------------------------------------------
 
-_SPEC_KEYS = ("bits", "method", "group_size", "sym", "quantize_bias")
+_SPEC_KEYS = ("bits", "method", "group_size", "sym", "quantize_bias", "act_order", "static_groups", "damp")
+_GPTQ_ONLY_KEYS = ("act_order", "static_groups", "damp")
 _CALIB_KEYS = {"calib_source": "source", "calib_samples": "samples", "calib_seed": "seed", "calib_max_seq_len": "max_seq_len"}
 #: Every key --model_args may carry for the recipe.
 RECIPE_ARG_KEYS = tuple(
@@ -323,6 +341,13 @@ def _coerce_spec_value(key: str, value: Any, where: str) -> Any:
         return value
     if key == "group_size":
         return _check_int(value, where)
+    if key == "damp":
+        if isinstance(value, bool):
+            raise RecipeError(f"{where}: expected a number in (0, 1), got {value!r}")
+        try:
+            return float(str(value))
+        except ValueError:
+            raise RecipeError(f"{where}: expected a number in (0, 1), got {value!r}") from None
     return _check_bool(value, where)
 
 
@@ -349,8 +374,8 @@ def _parse_blocks(value: Any, where: str) -> tuple[str, ...] | None:
 def recipe_from_args(args: Mapping[str, Any]) -> Recipe:
     """Build a :class:`Recipe` from flat ``--model_args`` keys.
 
-    Keys: ``bits``, ``method``, ``group_size``, ``sym``, ``quantize_bias`` (all
-    components) and their per-component forms ``bits_vit``, ``method_llm``,
+    Keys: ``bits``, ``method``, ``group_size``, ``sym``, ``quantize_bias``, and for
+    GPTQ ``act_order``, ``static_groups``, ``damp`` (all components) and their per-component forms ``bits_vit``, ``method_llm``,
     ``group_size_connector``...; ``blocks_<c>`` (e.g. ``front+end`` or ``0-3``),
     ``layers_<c>`` (``all``/``attn``/``mlp``); ``calib_source``,
     ``calib_samples``, ``calib_seed``, ``calib_max_seq_len``; ``seed``;
@@ -376,7 +401,7 @@ def _merge_flat_into_mapping(base: Mapping[str, Any], flat: Mapping[str, Any]) -
         if key == "seed":
             data["seed"] = value
             continue
-        m = re.fullmatch(r"(bits|method|group_size|sym|quantize_bias|blocks|layers)(?:_(vit|connector|llm))?", key)
+        m = re.fullmatch(rf"({'|'.join((*_SPEC_KEYS, 'blocks', 'layers'))})(?:_(vit|connector|llm))?", key)
         assert m, key  # guaranteed by the key check
         field_name, comp = m.group(1), m.group(2)
         if comp is None:
@@ -409,6 +434,11 @@ def _recipe_from_mapping(data: Mapping[str, Any], where: str) -> Recipe:
         vals = dict(global_vals)
         vals.update({k: _coerce_spec_value(k, cdata[k], f"{where}: {comp}.{k}") for k in _SPEC_KEYS if k in cdata})
         method = vals.pop("method", None)
+        if (method or "rtn") != "gptq":
+            # Global GPTQ options (act_order=true) apply to the GPTQ components only; a component's own key stays strict.
+            for k in _GPTQ_ONLY_KEYS:
+                if k in global_vals and k not in cdata:
+                    vals.pop(k, None)
         spec = _build_spec(method, vals)
         components[comp] = ComponentRecipe(
             spec=spec,
@@ -416,6 +446,12 @@ def _recipe_from_mapping(data: Mapping[str, Any], where: str) -> Recipe:
             layers=str(cdata.get("layers", "all")),
             explicit=_check_bool(cdata.get("explicit", bool(cdata)), f"{where}: {comp}.explicit"),
         )
+    given = [k for k in _GPTQ_ONLY_KEYS if k in global_vals]
+    if given and not any(c.spec.method == "gptq" for c in components.values()) and not any(
+        isinstance(r, Mapping) and str(r.get("method", "")).lower() == "gptq" for r in data.get("overrides") or ()
+    ):
+        methods = sorted({c.spec.method for c in components.values()})
+        raise RecipeError(f"{where}: {', '.join(given)} are options of method 'gptq' only, but no component uses it (methods: {', '.join(methods)})")
     rules = []
     for i, rule in enumerate(data.get("overrides") or ()):
         if not isinstance(rule, Mapping) or "pattern" not in rule:

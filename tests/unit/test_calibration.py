@@ -61,6 +61,33 @@ def test_gptq_on_a_whole_model_beats_rtn(llava_dir, calib):
     assert errs["gptq"] < 0.8 * errs["rtn"], errs
 
 
+def test_gptq_options_reach_the_algorithm(llava_dir, calib):
+    """act_order, static_groups and damp from model_args change what GPTQ does, and the report says so."""
+    from lmms_quant.quantizers.rtn import dequantize_codes, quantize_codes
+
+    base = {"method": "gptq", "bits_llm": 3, "group_size_llm": 8}
+    plain = quantize_(fresh(llava_dir), recipe_from_args(base), calibration=calib)
+    m = fresh(llava_dir)
+    ordered = quantize_(m, recipe_from_args({**base, "act_order": True, "damp": 0.05}), calibration=calib)
+    static = quantize_(fresh(llava_dir), recipe_from_args({**base, "act_order": True, "static_groups": True}), calibration=calib)
+    layers = ordered.calibration["layers"]
+    assert layers and all(v["percdamp"] == pytest.approx(0.05) for v in layers.values())
+    assert all(v["percdamp"] == pytest.approx(0.01) for v in plain.calibration["layers"].values())
+    modules = dict(m.named_modules())
+    permuted = 0
+    for name, qp in ordered.qparams.items():
+        g_idx = qp["g_idx"]
+        assert g_idx is not None and static.qparams[name]["g_idx"] is None and plain.qparams[name]["g_idx"] is None
+        n_in = g_idx.numel()
+        permuted += not torch.equal(g_idx, torch.arange(n_in) // 8)
+        # the weight is reproduced by the groups g_idx names (act-order with dynamic groups)
+        w = modules[name].weight.detach().float()
+        scale, zero = qp["scale"][:, g_idx.long()], qp["zero"][:, g_idx.long()]
+        assert torch.allclose(dequantize_codes(quantize_codes(w, scale, zero, 3), scale, zero), w, atol=1e-5), name
+    assert permuted > 0
+    assert ordered.recipe["llm"]["act_order"] is True and ordered.recipe["llm"]["damp"] == 0.05
+
+
 def _identity_rounding(monkeypatch):
     """AWQ with rounding and clipping switched off: what remains is scaling and folding, which must be exact."""
     def no_round(W, scales, max_val, bits, group_size=128, sym=False):

@@ -43,6 +43,11 @@ def test_auto_typed_strings_are_accepted():
         ({"layers_llm": "ffn", "bits_llm": 4}, r"layers must be one of all, attn, mlp"),
         ({"calib_samples": 0}, r"calib_samples must be >= 1"),
         ({"recipe": "/nonexistent/recipe.yaml"}, r"recipe file '/nonexistent/recipe.yaml' does not exist"),
+        ({"bits_vit": 4, "act_order_vit": True}, r"act_order, static_groups and damp are options of method 'gptq' only.*'rtn'"),
+        ({"bits": 4, "method": "awq", "damp": 0.1}, r"damp are options of method 'gptq' only, but no component uses it \(methods: awq\)"),
+        ({"bits": 4, "method": "gptq", "damp": 0}, r"damp must be a number in \(0, 1\).*got 0.0"),
+        ({"bits": 4, "method": "gptq", "damp": "lots"}, r"damp: expected a number in \(0, 1\), got 'lots'"),
+        ({"bits": 4, "method": "gptq", "act_order": "sometimes"}, r"act_order: expected true or false, got 'sometimes'"),
     ],
 )
 def test_every_recipe_error_names_problem_and_choices(args, message):
@@ -101,6 +106,18 @@ def test_round_trip_through_dict():
     r = recipe_from_args({"bits_llm": 3, "method_llm": "gptq", "bits_vit": 4, "blocks_vit": "0-5", "calib_samples": 32, "seed": 7})
     again = Recipe.from_dict(r.to_dict())
     assert again == r
+    g = recipe_from_args({"bits": 4, "method_llm": "gptq", "act_order_llm": "true", "static_groups_llm": True, "damp_llm": "0.05"})
+    assert Recipe.from_dict(g.to_dict()) == g and g.to_dict()["llm"]["act_order"] is True
+
+
+def test_gptq_options_global_keys_reach_only_gptq_components():
+    r = recipe_from_args({"bits": 4, "method_llm": "gptq", "method_vit": "awq", "act_order": "true", "damp": "0.05"})
+    assert (r.llm.spec.act_order, r.llm.spec.static_groups, r.llm.spec.damp) == (True, False, 0.05)
+    assert (r.vit.spec.act_order, r.vit.spec.damp) == (False, 0.01) and r.vit.spec.method == "awq"
+    assert r.connector.spec == QuantSpec(bits=4, method="rtn")
+    # an override may turn act-order on for some GPTQ layers only
+    f = Recipe.from_dict({"bits": 3, "method": "gptq", "overrides": [{"pattern": r"mlp\.", "act_order": True}]})
+    assert f.overrides[0].apply(f.llm.spec).act_order is True and f.llm.spec.act_order is False
 
 
 def test_block_selection_thirds_and_ranges():

@@ -72,16 +72,19 @@ class QuantReport:
         }
 
 
-def count_levels(w: torch.Tensor, group_size: int) -> int:
+def count_levels(w: torch.Tensor, group_size: int, g_idx: torch.Tensor | None = None) -> int:
     """Largest number of distinct values in any quantization group of ``w``.
 
     ``group_size``: -1 per row, 0 whole tensor, ``g > 0`` groups of ``g``
-    columns within each row.
+    columns within each row: contiguous ones, or, when ``g_idx`` is given (GPTQ
+    act-order with dynamic groups), the columns ``g_idx`` assigns to each group.
     """
     w2 = w.detach().reshape(w.shape[0], -1).float()
     if group_size == 0:
         return int(torch.unique(w2).numel())
     if group_size > 0:
+        if g_idx is not None:
+            w2 = w2[:, torch.argsort(g_idx.to(w2.device), stable=True)]
         w2 = w2.reshape(-1, group_size)
     s, _ = torch.sort(w2, dim=1)
     distinct = (s[:, 1:] != s[:, :-1]).sum(dim=1) + 1
@@ -123,14 +126,18 @@ def _quantize_data_free(mod: nn.Linear, target: LayerTarget) -> dict[str, Any]:
     return qparams_of(qt)
 
 
-def verify(model: nn.Module, qplan: QuantPlan) -> None:
-    """Raise :class:`QuantizationCheckError` unless every active target is really quantized."""
+def verify(model: nn.Module, qplan: QuantPlan, qparams: dict[str, dict[str, Any]] | None = None) -> None:
+    """Raise :class:`QuantizationCheckError` unless every active target is really quantized.
+
+    ``qparams`` (name -> what :func:`~lmms_quant.calibration.qparams_of` returns) supplies
+    GPTQ's ``g_idx`` where act-order regrouped the columns.
+    """
     modules = dict(model.named_modules())
     for t in qplan.active:
         w = modules[t.name].weight
         if w.is_meta:
             raise QuantizationCheckError(f"{t.name}: weight is on the meta device; nothing was quantized")
-        levels = count_levels(w, t.spec.group_size)
+        levels = count_levels(w, t.spec.group_size, ((qparams or {}).get(t.name) or {}).get("g_idx"))
         if levels > 2**t.spec.bits:
             raise QuantizationCheckError(
                 f"{t.name}: {levels} distinct values in one group, more than 2^{t.spec.bits} = {2**t.spec.bits}; "
@@ -253,7 +260,7 @@ def quantize_(
             qplan.targets = [dataclasses.replace(t, spec=dataclasses.replace(t.spec, bits=16)) if t.name in skipped else t
                              for t in qplan.targets]
     if check:
-        verify(model, qplan)
+        verify(model, qplan, qparams)
     bpw = bits_per_weight(qplan)
     report = QuantReport(
         model_class=qplan.model_class,

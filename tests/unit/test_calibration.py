@@ -63,9 +63,12 @@ def test_gptq_on_a_whole_model_beats_rtn(llava_dir, calib):
 
 def test_gptq_options_reach_the_algorithm(llava_dir, calib):
     """act_order, static_groups and damp from model_args change what GPTQ does, and the report says so."""
+    from lmms_quant.apply import count_levels
     from lmms_quant.quantizers.rtn import dequantize_codes, quantize_codes
 
-    base = {"method": "gptq", "bits_llm": 3, "group_size_llm": 8}
+    # 2 bits in groups of 16: a contiguous run of 16 columns holds more than 4 values once act-order regroups
+    # them, so the level check (on by default) must follow g_idx
+    base = {"method": "gptq", "bits_llm": 2, "group_size_llm": 16}
     plain = quantize_(fresh(llava_dir), recipe_from_args(base), calibration=calib)
     m = fresh(llava_dir)
     ordered = quantize_(m, recipe_from_args({**base, "act_order": True, "damp": 0.05}), calibration=calib)
@@ -79,11 +82,12 @@ def test_gptq_options_reach_the_algorithm(llava_dir, calib):
         g_idx = qp["g_idx"]
         assert g_idx is not None and static.qparams[name]["g_idx"] is None and plain.qparams[name]["g_idx"] is None
         n_in = g_idx.numel()
-        permuted += not torch.equal(g_idx, torch.arange(n_in) // 8)
+        permuted += not torch.equal(g_idx, torch.arange(n_in) // 16)
+        assert count_levels(modules[name].weight, 16, g_idx) <= 4 < count_levels(modules[name].weight, 16)
         # the weight is reproduced by the groups g_idx names (act-order with dynamic groups)
         w = modules[name].weight.detach().float()
         scale, zero = qp["scale"][:, g_idx.long()], qp["zero"][:, g_idx.long()]
-        assert torch.allclose(dequantize_codes(quantize_codes(w, scale, zero, 3), scale, zero), w, atol=1e-5), name
+        assert torch.allclose(dequantize_codes(quantize_codes(w, scale, zero, 2), scale, zero), w, atol=1e-5), name
     assert permuted > 0
     assert ordered.recipe["llm"]["act_order"] is True and ordered.recipe["llm"]["damp"] == 0.05
 

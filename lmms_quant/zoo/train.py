@@ -429,14 +429,13 @@ def training_md(report: dict, evaluation: dict | None) -> str:
             "- example captions: " + "; ".join(f'"{c}"' for c in fp["examples"][:4]),
             "",
         ]
-        described = {
-            "rtn": ("RTN, per channel, symmetric", "group_size=-1, sym=True"),
-            "uniform": ("the study's uniform: per tensor, asymmetric", "group_size=0, sym=False; biases too"),
-        }
+        titles = {"rtn": "RTN, per channel, symmetric", "uniform": "the study's uniform: per tensor, asymmetric"}
         drops: dict[str, float] = {}
-        for scheme, (title, args) in described.items():
+        for scheme, title in titles.items():
             if scheme not in evaluation:
                 continue
+            group_size, sym, with_bias = ev.SCHEMES[scheme]
+            args = f"group_size={group_size}, sym={sym}" + ("; biases too" if with_bias else "")
             table = evaluation[scheme]
             bits = sorted({int(b) for comp in table.values() for b in comp})
             rows = [[f"component quantized ({title})", *[f"W{b}" for b in bits]]]

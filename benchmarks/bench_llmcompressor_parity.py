@@ -24,7 +24,12 @@ hashes are compared).  Settings, per ``--configs`` entry ``method:bits:group``
 
 * GPTQ: symmetric, min-max, damping 0.01, block 128, no activation ordering
   (llm-compressor's default is ``actorder="static"``; it is switched off here
-  because lmms-quant's recipe does not use it), every Linear but ``lm_head``.
+  because lmms-quant's default recipe does not use it), every Linear but ``lm_head``.
+* ``gptq_act_static``: the same with activation ordering and static groups, the
+  group parameters taken from the unquantized weight in the original column order
+  (lmms-quant ``act_order=true,static_groups=true``; llm-compressor
+  ``actorder="static"``, its default.  Its ``"group"`` ordering, lmms-quant's
+  ``act_order`` alone, is refused by llm-compressor 0.14's GPTQ).
 * AWQ: asymmetric, activation-only scales ``mean|x| ** ratio`` (llm-compressor:
   ``duo_scaling=False``; its default ``True`` also divides by a weight
   statistic, which the paper does not), grid 20, then RTN via
@@ -64,6 +69,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import smollm2_common as common  # noqa: E402
 
+METHODS = ("gptq", "gptq_act_static", "awq")
 DEFAULT_CONFIGS = "gptq:4:-1,gptq:4:64,gptq:3:-1,gptq:3:64,awq:4:-1,awq:4:64,awq:3:-1,awq:3:64"
 
 
@@ -71,8 +77,8 @@ def parse_configs(text: str) -> list[tuple[str, int, int]]:
     out = []
     for item in text.split(","):
         method, bits, group = item.split(":")
-        if method not in ("gptq", "awq"):
-            raise SystemExit(f"config {item!r}: method must be gptq or awq")
+        if method not in METHODS:
+            raise SystemExit(f"config {item!r}: method must be one of {', '.join(METHODS)}")
         out.append((method, int(bits), int(group)))
     return out
 
@@ -106,11 +112,12 @@ def _llmc_recipe(method: str, bits: int, group_size: int):
     from llmcompressor.modifiers.quantization import QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
-    qargs = QuantizationArgs(num_bits=bits, type="int", symmetric=method == "gptq",
+    qargs = QuantizationArgs(num_bits=bits, type="int", symmetric=method != "awq",
                              strategy="channel" if group_size == -1 else "group", group_size=None if group_size == -1 else group_size)
     groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=qargs)}
-    if method == "gptq":
-        return [GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=None, block_size=128, dampening_frac=0.01)]
+    if method in ("gptq", "gptq_act_static"):
+        actorder = "static" if method == "gptq_act_static" else None
+        return [GPTQModifier(config_groups=groups, ignore=["lm_head"], actorder=actorder, block_size=128, dampening_frac=0.01)]
     return [AWQModifier(duo_scaling=False, n_grid=20), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
 
 
@@ -125,6 +132,9 @@ def _max_levels(model, bits: int, group_size: int) -> tuple[int, int]:
         if not isinstance(mod, torch.nn.Linear) or scheme is None or scheme.weights is None:
             continue
         w = forward_quantize(mod, mod.weight.data, "weight", scheme.weights)
+        g_idx = getattr(mod, "weight_g_idx", None)
+        if g_idx is not None and group_size != -1:  # actorder="group": a group is the columns g_idx names
+            w = w[:, torch.argsort(g_idx.to(torch.long), stable=True)]
         w = w.reshape(-1, w.shape[1] if group_size == -1 else group_size)
         s, _ = torch.sort(w, dim=1)
         worst = max(worst, int(((s[:, 1:] != s[:, :-1]).sum(dim=1) + 1).max()))
@@ -177,6 +187,15 @@ def _find(side: dict, method: str, bits: int, group_size: int) -> dict | None:
     return next((r for r in side["rows"] if (r["method"], r["bits"], r["group_size"]) == (method, bits, group_size)), None)
 
 
+def merge_sides(sides: list[dict]) -> dict:
+    """One side from several runs: the rows of all, the meta of the first; the runs must share their data."""
+    for key in ("eval_sha256", "calib_sha256"):
+        values = {s["meta"].get(key) for s in sides}
+        if len(values) > 1:
+            raise SystemExit(f"--ours-json files differ in {key}: {sorted(map(str, values))}")
+    return {"side": sides[0].get("side", "ours"), "meta": sides[0]["meta"], "rows": [r for s in sides for r in s["rows"]]}
+
+
 def compare(ours: dict, theirs: dict, configs) -> None:
     for key in ("eval_sha256", "calib_sha256"):
         if ours["meta"].get(key) != theirs["meta"].get(key):
@@ -213,7 +232,8 @@ def main() -> None:
     ap.add_argument("--model-cache", type=Path, default=common.DEFAULT_CACHE)
     ap.add_argument("--llmc-python", default="/tmp/llmc-venv/bin/python")
     ap.add_argument("--ours-python", default=sys.executable)
-    ap.add_argument("--ours-json", type=Path, help="take our side from this bench_smollm2_ppl.py / --side ours JSON")
+    ap.add_argument("--ours-json", type=Path, nargs="+",
+                    help="take our side from these bench_smollm2_ppl.py / --side ours JSONs (rows merged; their calibration must match)")
     ap.add_argument("--llmc-json", type=Path, help="take llm-compressor's side from this --side llmc JSON")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp"))
     args = ap.parse_args()
@@ -224,7 +244,8 @@ def main() -> None:
             args.out.write_text(json.dumps(result, indent=1))
         return
     theirs = json.loads(args.llmc_json.read_text()) if args.llmc_json else _run_side(args.llmc_python, "llmc", args.workdir / "parity_llmc.json", args)
-    ours = json.loads(args.ours_json.read_text()) if args.ours_json else _run_side(args.ours_python, "ours", args.workdir / "parity_ours.json", args)
+    ours = merge_sides([json.loads(p.read_text()) for p in args.ours_json]) if args.ours_json else _run_side(
+        args.ours_python, "ours", args.workdir / "parity_ours.json", args)
     compare(ours, theirs, parse_configs(args.configs))
 
 

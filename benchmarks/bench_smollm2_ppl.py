@@ -14,7 +14,8 @@ verb ``quantize_`` with ``recipe_from_args({"method_llm": ..., "bits_llm": ...,
 default), ``rtn_asym`` (asymmetric: the baseline AWQ starts from), ``gptq``
 (symmetric, no act-order, damping 0.01, block 128), ``gptq_asym`` (the same,
 asymmetric: compare it with ``rtn_asym``), ``gptq_act`` (symmetric with
-act-order, dynamic groups) and ``awq`` (asymmetric, grid 20, clip search).
+act-order, dynamic groups), ``gptq_act_static`` (act-order with static groups:
+llm-compressor's default ordering) and ``awq`` (asymmetric, grid 20, clip search).
 
 Group 128 does not divide SmolLM2's hidden width (576 = 4.5 x 128), so the
 grouped rows use group 64 by default (``--group-sizes``).
@@ -66,20 +67,22 @@ import smollm2_common as common  # noqa: E402
 from lmms_quant import quantize_, recipe_from_args  # noqa: E402
 from lmms_quant.calibration import CalibrationSet  # noqa: E402
 
-METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "gptq_act", "awq")
+METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "gptq_act", "gptq_act_static", "awq")
 
 
 def base_method(method: str) -> str:
-    """``rtn_asym`` -> ``rtn``, ``gptq_asym`` / ``gptq_act`` -> ``gptq``: the lmms-quant method a row runs."""
-    return method.removesuffix("_asym").removesuffix("_act")
+    """``rtn_asym`` -> ``rtn``, ``gptq_asym`` / ``gptq_act`` / ``gptq_act_static`` -> ``gptq``: the lmms-quant method a row runs."""
+    return method.split("_", 1)[0]
 
 
 def recipe_args(method: str, bits: int, group_size: int) -> dict:
     args = {"method_llm": base_method(method), "bits_llm": bits, "group_size_llm": group_size}
     if method.endswith("_asym"):
         args["sym_llm"] = False
-    if method == "gptq_act":
+    if method in ("gptq_act", "gptq_act_static"):
         args["act_order_llm"] = True
+    if method == "gptq_act_static":
+        args["static_groups_llm"] = True
     return args
 
 

@@ -2,6 +2,9 @@
 
 ``python -m lmms_quant.zoo.evaluate --model toy-llava [--split test] [--limit N] [--rtn] [--json FILE]``
 
+(A retrieval model, ``--model toy-blip2-itm``, gets recall@1/5/10 both ways instead:
+:func:`lmms_quant.zoo.train_itm.evaluate_itm`.)
+
 * VQA: greedy answers to the lmms-eval prompt, scored with the official VQAv2
   accuracy (:func:`lmms_quant.metrics.vqa.vqa_accuracy`), overall and per kind.
 * Captions: greedy captions scored with BLEU-4 and CIDEr-D (pycocoevalcap; texts
@@ -213,6 +216,11 @@ def load(model_dir: Path):
     from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
 
     config = AutoConfig.from_pretrained(model_dir)
+    if "Blip2ForImageTextRetrieval" in (config.architectures or []):
+        raise ValueError(
+            f"{model_dir} is a retrieval model (Blip2ForImageTextRetrieval): it neither answers nor captions;"
+            " evaluate it with lmms_quant.zoo.train_itm.evaluate_itm or `python -m lmms_quant.zoo.evaluate`"
+        )
     model_type = {"llava": "llava", "blip-2": "blip-2"}[config.model_type]
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(model_dir)
@@ -228,11 +236,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--limit", type=int, default=None, help="first N VQA rows / caption rows")
     parser.add_argument("--rtn", action="store_true", help="also the per-component tables (rtn and uniform schemes)")
     parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
+    parser.add_argument("--k-test", type=int, default=16, help="retrieval models: LAVIS's second-stage candidates")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     model_dir = args.model_dir or MODELS_DIR / args.model
+    from lmms_quant.zoo.train_itm import evaluate_itm, is_itm
+
+    if is_itm(model_dir):  # a retrieval model: recall instead of VQA and captions
+        t0 = time.time()
+        result = {"model_dir": str(model_dir), "split": args.split}
+        result.update(evaluate_itm(model_dir, args.split, args.limit, rtn=args.rtn, bits=args.bits, k_test=args.k_test))
+        result["seconds"] = round(time.time() - t0, 1)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result, indent=1))
+        return
     model, processor, model_type = load(model_dir)
     vqa_rows = load_rows(args.data / f"vqa_{args.split}.jsonl", args.limit)
     caption_rows = load_rows(args.data / f"captions_{args.split}.jsonl", args.limit)

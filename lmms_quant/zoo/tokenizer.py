@@ -63,8 +63,14 @@ def world_vocabulary(n_items: int = _SAMPLE_ITEMS) -> list[str]:
     return sorted(words)
 
 
-def build_tokenizer(vocabulary: list[str] | None = None) -> PreTrainedTokenizerFast:
-    """The world tokenizer as a ``PreTrainedTokenizerFast`` (left padding)."""
+def build_tokenizer(vocabulary: list[str] | None = None, image_token_attribute: bool = True) -> PreTrainedTokenizerFast:
+    """The world tokenizer as a ``PreTrainedTokenizerFast`` (left padding).
+
+    ``image_token_attribute=False`` leaves out the ``tokenizer.image_token`` attribute (the
+    ``<image>`` token itself stays, id 4): transformers 5.17's ``Blip2Processor`` calls
+    ``.content`` on a tokenizer's ``image_token``, which is a ``str``, and fails on every
+    image-and-text call; without the attribute it makes its own ``AddedToken``.
+    """
     words = world_vocabulary() if vocabulary is None else vocabulary
     vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
     for w in words:
@@ -83,7 +89,7 @@ def build_tokenizer(vocabulary: list[str] | None = None) -> PreTrainedTokenizerF
         eos_token="</s>",
         unk_token="<unk>",
         pad_token="<pad>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if image_token_attribute else {},
         padding_side="left",
         model_max_length=512,
         clean_up_tokenization_spaces=False,

@@ -2,6 +2,8 @@
 
 ``python -m lmms_quant.zoo.train --model toy-llava [--steps N] [--out DIR] [--threads 1]``
 
+(``--model toy-blip2-itm`` trains the retrieval model: :mod:`lmms_quant.zoo.train_itm`.)
+
 Two stages.  **Stage 1** trains the vision tower alone with dense supervision
 from the world's ground truth: a linear probe (discarded afterwards) on every
 patch token of the tower's last layer predicts the colour, shape and size of the
@@ -53,6 +55,7 @@ from lmms_quant.zoo.toy_llava import (
     encode_examples,
     pixel_values,
 )
+from lmms_quant.zoo.train_itm import ItmRecipe, finish_itm, train_toy_blip2_itm
 
 __all__ = ["RECIPES", "Recipe", "lr_at", "patch_labels", "train_toy_llava"]
 
@@ -104,7 +107,10 @@ class Recipe:
 
 # toy-llava: a 4-layer language model (2 layers learned single-object questions but
 # stalled at 0.65 VQA by step 1,800, with relative-position questions near 0.3).
-RECIPES: dict[str, Recipe] = {"toy-llava": Recipe(steps=3600, eval_every=600, vqa_turns=3, spec=ToyLlavaSpec(text_layers=4))}
+RECIPES: dict[str, Recipe | ItmRecipe] = {
+    "toy-llava": Recipe(steps=3600, eval_every=600, vqa_turns=3, spec=ToyLlavaSpec(text_layers=4)),
+    "toy-blip2-itm": ItmRecipe(),
+}
 
 
 def lr_at(step: int, recipe: Recipe) -> float:
@@ -514,9 +520,10 @@ def main(argv: list[str] | None = None) -> None:
         recipe = replace(recipe, **overrides)
     out = args.out or MODELS_DIR / args.model
     log = lambda s: print(s, flush=True)  # noqa: E731
-    train_toy_llava(recipe, out, log=log, device=args.device)
+    train, evaluate = (train_toy_blip2_itm, finish_itm) if isinstance(recipe, ItmRecipe) else (train_toy_llava, finish)
+    train(recipe, out, log=log, device=args.device)
     if not args.no_eval:
-        finish(out, log=log)
+        evaluate(out, log=log)
 
 
 if __name__ == "__main__":

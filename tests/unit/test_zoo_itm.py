@@ -1,0 +1,176 @@
+"""toy-blip2-itm's building blocks: the model and processor, the ITC/ITM losses, the batches, the ceiling."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from lmms_quant.world import make_item
+from lmms_quant.zoo.tokenizer import build_tokenizer
+from lmms_quant.zoo.toy_blip2_itm import (
+    ToyItmSpec,
+    build_model,
+    build_processor,
+    caption_key,
+    encode_images,
+    encode_texts,
+    itc_loss,
+    itc_similarity,
+    itm_logits,
+    itm_loss,
+)
+from lmms_quant.zoo.toy_llava import pixel_values
+from lmms_quant.zoo.train_itm import ItmRecipe, recall_ceiling, training_batch
+
+SMALL = ToyItmSpec(
+    vision_hidden=32,
+    vision_layers=1,
+    vision_heads=2,
+    vision_mlp=64,
+    qformer_hidden=32,
+    qformer_layers=2,
+    qformer_heads=2,
+    qformer_mlp=64,
+    num_query_tokens=4,
+    embed_dim=16,
+)
+
+
+@pytest.fixture(scope="module")
+def small():
+    torch.manual_seed(0)
+    tok = build_tokenizer(image_token_attribute=False)
+    return build_model(SMALL, tok).eval(), build_processor(SMALL, tok)
+
+
+def test_our_encoders_match_the_transformers_forward(small) -> None:
+    """ITC similarity and ITM logits computed piece by piece equal ``Blip2ForImageTextRetrieval.forward``."""
+    model, processor = small
+    items = [make_item("test", i) for i in range(3)]
+    captions = [it.captions[1] for it in items]
+    inputs = processor(images=[Image.fromarray(it.image) for it in items], text=captions, return_tensors="pt", padding=True)
+    n = SMALL.num_query_tokens
+    assert (inputs["input_ids"][:, :n] == model.config.image_token_index).all()  # the processor's query placeholders
+    px = pixel_values([it.image for it in items])
+    assert torch.allclose(inputs["pixel_values"], px, atol=1e-6)
+    ids, mask = inputs["input_ids"][:, n:], inputs["attention_mask"][:, n:]
+    with torch.no_grad():
+        vit, patches, image_feats = encode_images(model, px)
+        text_feats = encode_texts(model, ids, mask)
+        itc = model(**inputs, use_image_text_matching_head=False)
+        itm = model(**inputs, use_image_text_matching_head=True)
+        ours_itm = itm_logits(model, vit, ids, mask)
+    assert patches.shape == (3, (64 // SMALL.patch_size) ** 2, SMALL.vision_hidden)
+    assert torch.allclose(itc_similarity(image_feats, text_feats), itc.logits_per_image, atol=1e-5)
+    assert torch.allclose(ours_itm, itm.logits_per_image, atol=1e-5)
+
+
+def test_itc_loss_is_clip_loss_with_one_positive_each() -> None:
+    torch.manual_seed(1)
+    sim = torch.randn(5, 5)
+    loss = itc_loss(sim, torch.eye(5, dtype=torch.bool), 0.1)
+    labels = torch.arange(5)
+    expected = (F.cross_entropy(sim / 0.1, labels) + F.cross_entropy(sim.T / 0.1, labels)) / 2
+    assert torch.allclose(loss, expected)
+
+
+def test_itc_loss_spreads_the_target_over_shared_captions() -> None:
+    sim = torch.tensor([[1.0, 0.5, 0.0], [0.2, 1.0, 0.0], [0.0, 0.3, 1.0]])
+    positive = torch.eye(3, dtype=torch.bool)
+    positive[0, 1] = True  # text 1 is also true of image 0
+    loss = itc_loss(sim, positive, 1.0)
+    ls_row, ls_col = F.log_softmax(sim, 1), F.log_softmax(sim, 0)
+    i2t = -(0.5 * (ls_row[0, 0] + ls_row[0, 1]) + ls_row[1, 1] + ls_row[2, 2]) / 3
+    t2i = -(ls_col[0, 0] + 0.5 * (ls_col[0, 1] + ls_col[1, 1]) + ls_col[2, 2]) / 3
+    assert torch.allclose(loss, (i2t + t2i) / 2)
+    with pytest.raises(ValueError, match="at least one positive"):
+        itc_loss(sim, torch.zeros(3, 3, dtype=torch.bool), 1.0)
+
+
+def test_itm_loss_draws_hard_negatives_and_never_a_positive(small) -> None:
+    model, processor = small
+    tok = processor.tokenizer
+    b = 4
+    items = [make_item("test", i) for i in range(b)]
+    with torch.no_grad():
+        vit, _, _ = encode_images(model, pixel_values([it.image for it in items]))
+    enc = tok([it.captions[0] for it in items], padding=True, return_tensors="pt")
+    positive = torch.eye(b, dtype=torch.bool)
+    positive[0, 1] = True
+    sim = torch.zeros(b, b)
+    sim[0, 1] = sim[0, 2] = 50.0  # text 1 is positive for image 0, so 2 is its hardest negative
+    sim[2, 3] = 50.0
+    drawn = []
+    original = itm_logits.__globals__["itm_logits"]
+
+    def spy(m, v, ids, mask):
+        drawn.append(ids)
+        return original(m, v, ids, mask)
+
+    itm_logits.__globals__["itm_logits"] = spy
+    try:
+        g = torch.Generator().manual_seed(0)
+        loss = itm_loss(model, vit, enc["input_ids"], enc["attention_mask"], sim, positive, g)
+    finally:
+        itm_logits.__globals__["itm_logits"] = original
+    assert loss.ndim == 0 and math.isfinite(float(loss.detach()))
+    ids = drawn[0]
+    assert ids.shape[0] == 3 * b
+    negatives = ids[b : 2 * b]  # each image's negative text
+    assert torch.equal(negatives[0], enc["input_ids"][2])  # the hard one, not the positive text 1
+    assert torch.equal(negatives[2], enc["input_ids"][3])
+    everything = torch.ones(b, b, dtype=torch.bool)
+    with pytest.raises(ValueError, match="at least one negative"):
+        itm_loss(model, vit, enc["input_ids"], enc["attention_mask"], sim, everything, g)
+
+
+def test_caption_key_folds_only_free_word_choices() -> None:
+    assert caption_key("a red circle on a dark background") == caption_key("a red circle on a black background")
+    assert caption_key("there are three shapes in the picture") == caption_key("there are three shapes in the image")
+    assert caption_key("an image of a red circle") == caption_key("a picture of a red circle")
+    assert caption_key("a red circle") != caption_key("a blue circle")
+
+
+def test_training_batch_is_deterministic_with_twins_and_shared_captions() -> None:
+    recipe = ItmRecipe(batch_size=16)
+    images, captions, positive, dense = training_batch(3, recipe)
+    images2, captions2, positive2, _ = training_batch(3, recipe)
+    assert captions == captions2 and torch.equal(positive, positive2)
+    assert all(np.array_equal(a, b) for a, b in zip(images, images2))
+    assert positive.shape == (16, 16) and positive.diagonal().all()
+    assert dense.shape == (16, 64, 3)
+    for i in range(16):  # the batch is items 48..63: each odd one the twin of the even one before it
+        item = make_item("train", 48 + i)
+        assert captions[i] in item.captions
+        assert item.scene.twin_of == (48 + i - 1 if i % 2 else None)
+    for i, t in zip(*torch.nonzero(positive, as_tuple=True)):
+        assert caption_key(captions[int(t)]) in {caption_key(c) for c in make_item("train", 48 + int(i)).captions}
+    assert training_batch(4, recipe)[1] != captions
+
+
+def test_itm_recipe_rejects_bad_values() -> None:
+    with pytest.raises(ValueError, match="even number"):
+        ItmRecipe(batch_size=15)
+    with pytest.raises(ValueError, match="temperature"):
+        ItmRecipe(temperature=0.0)
+    with pytest.raises(ValueError, match="patch_size must divide"):
+        replace(SMALL, patch_size=7)
+
+
+def test_recall_ceiling_by_hand() -> None:
+    rows = [
+        {"caption": ["a red circle", "there are three shapes in the picture"]},
+        {"caption": ["a blue square", "there are three shapes in the image"]},
+        {"caption": ["a blue square", "a green circle"]},
+    ]
+    ceiling = recall_ceiling(rows)
+    # t2i: red 1, three x2 (1/2 each), blue square x2 (1/2 each), green 1 -> (1 + .5 + .5 + .5 + .5 + 1) / 6
+    assert ceiling["t2i_R@1"] == pytest.approx(100 * 4 / 6)
+    # i2t: image 0 has a unique caption, image 1 only shared ones (1/2), image 2 a unique one
+    assert ceiling["i2t_R@1"] == pytest.approx(100 * 2.5 / 3)

@@ -6,6 +6,9 @@
 
 * ``toy-llava``: ``LlavaForConditionalGeneration`` (CLIP vision tower, MLP
   projector, Llama LM); see :mod:`lmms_quant.zoo.toy_llava`.
+* ``toy-blip2-itm``: ``Blip2ForImageTextRetrieval`` (BLIP-2 ViT, Q-Former, ITC and
+  ITM heads) for retrieval; see :mod:`lmms_quant.zoo.toy_blip2_itm` and
+  :mod:`lmms_quant.zoo.train_itm`.
 
 Rebuild a model with ``python -m lmms_quant.zoo.train --model NAME`` and check it
 with ``python -m lmms_quant.zoo.evaluate --model NAME --rtn``.

@@ -45,3 +45,26 @@ def test_retrieval_through_the_cli_reports_recalls_and_logs_ranks_not_embeddings
         ranks = [min(a["i2t"]) for a in answers] if direction == "i2t" else [r for a in answers for r in a["t2i"]]
         assert metrics[f"{metric},none"] == pytest.approx(100 * sum(r < int(k) for r in ranks) / len(ranks))
     assert metrics["mean_recall,none"] == pytest.approx(sum(metrics[f"{m},none"] for m in RECALLS) / 6)
+
+
+def test_shipped_blip2_itm_at_8_bits_through_the_cli_matches_full_precision(tmp_path):
+    """toy-blip2-itm by zoo name on the full-gallery task: LAVIS two-stage scoring, ViT and Q-Former
+    at 8 bits, recall within 2 points of the same model in full precision scored in process."""
+    from lmms_quant.zoo import model_dir
+    from lmms_quant.zoo.train_itm import evaluate_itm
+
+    fp = evaluate_itm(model_dir("toy-blip2-itm"), "test", limit=100, k_test=16, log=lambda s: None)["fp"]
+    out = tmp_path / "out"
+    proc = subprocess.run([str(BIN / "lmms-eval"), "--model", "quant_vlm", "--model_args", "pretrained=toy-blip2-itm,bits_vit=8,bits_connector=8",
+                           "--tasks", "lq_world_retrieval_full", "--limit", "100", "--output_path", str(out)],
+                          cwd=tmp_path, env=ENV, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list(out.rglob("*_results.json"))
+    results = json.loads(results_file.read_text())
+    stats = results["lmms_quant"]["retrieval"]["lq_world_retrieval_full"]
+    assert (stats["scorer"], stats["n_images"], stats["n_texts"]) == ("blip2_itm", 100, 500)
+    assert stats["rerank_pairs"] > 0
+    assert {m["component"] for m in results["lmms_quant"]["quantization"]["quantized_modules"]} == {"vit", "connector"}
+    metrics = results["results"]["lq_world_retrieval_full"]
+    for m in ("i2t_R@1", "t2i_R@1"):
+        assert abs(metrics[f"{m},none"] - fp[m]) <= 2.0, (m, metrics[f"{m},none"], fp[m])

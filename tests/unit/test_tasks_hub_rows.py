@@ -83,7 +83,10 @@ def test_every_task_and_group_is_named_lq_and_groups_list_their_tasks():
         assert cfg["group"].startswith("lq_") and cfg["task"] == tasks
         assert set(tasks) <= set(CONFIGS)
     assert all(name.startswith("lq_") for name in CONFIGS)
-    assert len(CONFIGS) == 21  # 4 caption, 6 VQA, 2 retrieval, 3 world, 6 study
+    assert len(CONFIGS) == 22  # 4 caption, 6 VQA, 2 retrieval, 4 world, 6 study
+    full = CONFIGS["lq_world_retrieval_full"]  # the whole gallery: no process_docs cut to 20 images
+    assert full.get("process_docs") is None and CONFIGS["lq_world_retrieval"]["process_docs"] is not None
+    assert full["generation_kwargs"]["retrieval"] is True and full["generation_kwargs"]["retrieval_k_test"] == 16
 
 
 @pytest.mark.parametrize("task", sorted(HUB))

@@ -30,6 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -43,6 +44,7 @@ __all__ = [
     "COMPONENT_BLOCKS",
     "SCHEMES",
     "caption_metrics",
+    "component_table",
     "generate",
     "load_rows",
     "quantize_component",
@@ -200,14 +202,30 @@ def rtn_table(
     scheme: str = "rtn",
 ) -> dict[str, dict[int, float]]:
     """VQA accuracy with one component quantized (``scheme``, :data:`SCHEMES`) at each bit width."""
-    table: dict[str, dict[int, float]] = {}
+    return component_table(
+        model, model_type, lambda q: evaluate(q, processor, model_type, vqa_rows, [])["vqa"], bits, components, scheme, log
+    )
+
+
+def component_table(
+    model: nn.Module,
+    model_type: str,
+    score: Callable[[nn.Module], Any],
+    bits: Sequence[int],
+    components: Sequence[str],
+    scheme: str = "rtn",
+    log: Callable[[str], None] = print,
+) -> dict[str, dict[int, Any]]:
+    """``score`` of a copy of ``model`` with one component quantized (``scheme``), per component and bit width."""
+    table: dict[str, dict[int, Any]] = {}
     for comp in components:
         table[comp] = {}
         for b in bits:
             q = copy.deepcopy(model)
             quantize_component(q, model_type, comp, b, scheme)
-            table[comp][b] = evaluate(q, processor, model_type, vqa_rows, [])["vqa"]
-            log(f"{scheme} {comp} w{b}: vqa {table[comp][b]:.4f}")
+            table[comp][b] = score(q)
+            shown = f"{table[comp][b]:.4f}" if isinstance(table[comp][b], float) else json.dumps(table[comp][b])
+            log(f"{scheme} {comp} w{b}: {shown}")
     return table
 
 

@@ -33,7 +33,7 @@ from transformers import (
 )
 
 from lmms_quant.world import IMAGE_SIZE
-from lmms_quant.zoo.toy_llava import CLIP_MEAN, CLIP_STD
+from lmms_quant.zoo.toy_llava import CLIP_MEAN, CLIP_STD, check_sizes
 
 __all__ = [
     "ToyItmSpec",
@@ -67,14 +67,7 @@ class ToyItmSpec:
     max_text_len: int = 40
 
     def __post_init__(self) -> None:
-        if IMAGE_SIZE % self.patch_size:
-            raise ValueError(f"patch_size must divide {IMAGE_SIZE}, got {self.patch_size}")
-        for hidden, heads, what in (
-            (self.vision_hidden, self.vision_heads, "vision"),
-            (self.qformer_hidden, self.qformer_heads, "qformer"),
-        ):
-            if hidden % heads:
-                raise ValueError(f"{what}_hidden ({hidden}) must be a multiple of {what}_heads ({heads})")
+        check_sizes(self, ("vision", "qformer"))
 
     @property
     def image_tokens(self) -> int:

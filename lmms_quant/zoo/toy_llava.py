@@ -44,6 +44,7 @@ __all__ = [
     "ToyLlavaSpec",
     "build_model",
     "build_processor",
+    "check_sizes",
     "encode_examples",
     "pixel_values",
 ]
@@ -54,6 +55,17 @@ CAPTION_PROMPT = "USER: <image>\nProvide a one-sentence caption for the provided
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IGNORE_INDEX = -100
+
+
+def check_sizes(spec, parts: tuple[str, ...]) -> None:
+    """Refuse a ``spec.patch_size`` that does not divide the image, or a ``spec.<part>_hidden``
+    that is not a multiple of ``spec.<part>_heads`` (the zoo's specs name their sizes so)."""
+    if IMAGE_SIZE % spec.patch_size:
+        raise ValueError(f"patch_size must divide {IMAGE_SIZE}, got {spec.patch_size}")
+    for part in parts:
+        hidden, heads = getattr(spec, f"{part}_hidden"), getattr(spec, f"{part}_heads")
+        if hidden % heads:
+            raise ValueError(f"{part}_hidden ({hidden}) must be a multiple of {part}_heads ({heads})")
 
 
 @dataclass(frozen=True)
@@ -72,14 +84,7 @@ class ToyLlavaSpec:
     max_positions: int = 256
 
     def __post_init__(self) -> None:
-        if IMAGE_SIZE % self.patch_size:
-            raise ValueError(f"patch_size must divide {IMAGE_SIZE}, got {self.patch_size}")
-        for hidden, heads, what in (
-            (self.vision_hidden, self.vision_heads, "vision"),
-            (self.text_hidden, self.text_heads, "text"),
-        ):
-            if hidden % heads:
-                raise ValueError(f"{what}_hidden ({hidden}) must be a multiple of {what}_heads ({heads})")
+        check_sizes(self, ("vision", "text"))
 
     @property
     def image_tokens(self) -> int:

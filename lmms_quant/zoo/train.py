@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import time
 from collections.abc import Callable
@@ -41,9 +40,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmms_quant.world import COLOURS, DEFAULT_SEED, IMAGE_SIZE, SHAPES, SIZES, make_item
+from lmms_quant.world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, make_item
 from lmms_quant.world.scene import Scene, object_masks
 from lmms_quant.zoo import evaluate as ev
+from lmms_quant.zoo.schedule import Schedule, lr_at
 from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_llava import (
     CAPTION_PROMPT,
@@ -66,41 +66,17 @@ MAX_FP32_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
-class Recipe:
-    """Optimisation settings; ``seed`` fixes the initialisation and the batch order."""
+class Recipe(Schedule):
+    """toy-llava's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule` plus its examples' make-up."""
 
-    steps: int = 3600
-    batch_size: int = 16
-    lr: float = 1e-3
-    warmup: int = 100
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
     caption_fraction: float = 0.3
     vqa_turns: int = 1  # questions of the item per example (LLaVA multi-turn); a caption turn may come first
-    seed: int = 0
-    world_seed: int = DEFAULT_SEED
-    eval_every: int = 300
-    eval_items: int = 64  # calibration items for the learning curve (3 questions each)
     spec: ToyLlavaSpec = field(default_factory=ToyLlavaSpec)
-    # stage 1: the vision tower alone, dense per-patch labels
-    vision_steps: int = 800
-    vision_batch_size: int = 32
-    vision_lr: float = 1e-3
-    # stage 2: weight of the same dense loss next to the language-model loss
-    aux_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError(f"steps and batch_size must be >= 1, got {self.steps}, {self.batch_size}")
+        super().__post_init__()
         if self.vqa_turns < 1:
             raise ValueError(f"vqa_turns must be >= 1, got {self.vqa_turns}")
-        if self.vision_steps < 0 or self.vision_batch_size < 1 or self.aux_weight < 0:
-            raise ValueError(
-                f"vision_steps and aux_weight must be >= 0 and vision_batch_size >= 1, got {self.vision_steps},"
-                f" {self.aux_weight}, {self.vision_batch_size}"
-            )
         if not 0.0 <= self.caption_fraction <= 1.0:
             raise ValueError(f"caption_fraction must be in [0, 1], got {self.caption_fraction}")
 
@@ -111,15 +87,6 @@ RECIPES: dict[str, Recipe | ItmRecipe] = {
     "toy-llava": Recipe(steps=3600, eval_every=600, vqa_turns=3, spec=ToyLlavaSpec(text_layers=4)),
     "toy-blip2-itm": ItmRecipe(),
 }
-
-
-def lr_at(step: int, recipe: Recipe) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine to ``min_lr_ratio * lr``."""
-    if step < recipe.warmup:
-        return recipe.lr * (step + 1) / recipe.warmup
-    t = (step - recipe.warmup) / max(1, recipe.steps - recipe.warmup)
-    floor = recipe.min_lr_ratio
-    return recipe.lr * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
 # Dense labels: colour (6 + background), shape (3 + background), size (2 + background).
@@ -254,7 +221,7 @@ def train_vision(
         return []
     params = [*tower.parameters(), *probe.parameters()]
     opt = torch.optim.AdamW(params, lr=recipe.vision_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-    schedule = Recipe(
+    schedule = Schedule(
         steps=recipe.vision_steps,
         lr=recipe.vision_lr,
         warmup=min(recipe.warmup, recipe.vision_steps),

@@ -38,8 +38,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmms_quant.world import DEFAULT_SEED, make_item
+from lmms_quant.world import make_item
 from lmms_quant.zoo import evaluate as ev
+from lmms_quant.zoo.schedule import Schedule, lr_at
 from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_blip2_itm import (
     ToyItmSpec,
@@ -73,40 +74,27 @@ COMPONENTS = ("vision", "projector")  # the ViT and the Q-Former (evaluate.COMPO
 
 
 @dataclass(frozen=True)
-class ItmRecipe:
-    """Optimisation settings of toy-blip2-itm; ``seed`` fixes the initialisation and the batch order."""
+class ItmRecipe(Schedule):
+    """toy-blip2-itm's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule` plus ITC and ITM settings."""
 
     steps: int = 2400
     batch_size: int = 32
     lr: float = 5e-4
-    warmup: int = 100
-    min_lr_ratio: float = 0.05
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.98)
-    grad_clip: float = 1.0
-    temperature: float = 0.07  # initial ITC temperature (learned, clamped to [0.01, 0.5], as BLIP)
-    itm_weight: float = 1.0
-    seed: int = 0
-    world_seed: int = DEFAULT_SEED
     eval_every: int = 400
     eval_items: int = 128  # calibration images of the learning curve (5 captions each)
+    temperature: float = 0.07  # initial ITC temperature (learned, clamped to [0.01, 0.5], as BLIP)
+    itm_weight: float = 1.0
     eval_k_test: int = 16
     spec: ToyItmSpec = field(default_factory=ToyItmSpec)
-    # stage 1 (as toy-llava's)
-    vision_steps: int = 800
-    vision_batch_size: int = 32
-    vision_lr: float = 1e-3
-    aux_weight: float = 0.5
 
     def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 2 or self.batch_size % 2:
-            raise ValueError(f"steps must be >= 1 and batch_size an even number >= 2 (twins), got {self.steps}, {self.batch_size}")
+        super().__post_init__()
+        if self.batch_size < 2 or self.batch_size % 2:
+            raise ValueError(f"batch_size must be an even number >= 2 (twins stay together), got {self.batch_size}")
         if not 0.01 <= self.temperature <= 0.5:
             raise ValueError(f"temperature must be in [0.01, 0.5], got {self.temperature}")
-        if self.vision_steps < 0 or self.aux_weight < 0 or self.itm_weight < 0:
-            raise ValueError(
-                f"vision_steps, aux_weight and itm_weight must be >= 0, got {self.vision_steps}, {self.aux_weight}, {self.itm_weight}"
-            )
+        if self.itm_weight < 0:
+            raise ValueError(f"itm_weight must be >= 0, got {self.itm_weight}")
 
 
 def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch.Tensor, torch.Tensor]:
@@ -156,7 +144,7 @@ def retrieval_metrics(model, processor, rows: Sequence[dict], k_test: int = 16, 
 
 def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Train toy-blip2-itm with ``recipe``; save to ``out`` (unless None); return the report."""
-    from lmms_quant.zoo.train import DenseProbe, _save, lr_at, train_vision
+    from lmms_quant.zoo.train import DenseProbe, _save, train_vision
 
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(image_token_attribute=False)  # see build_tokenizer: a Blip2Processor bug
@@ -250,16 +238,12 @@ def rtn_recall_table(
     log: Callable[[str], None] = print,
 ) -> dict[str, dict[int, dict[str, float]]]:
     """Recall with one component (ViT or Q-Former) fake-quantized in ``scheme`` at each bit width."""
-    table: dict[str, dict[int, dict[str, float]]] = {}
-    for comp in COMPONENTS:
-        table[comp] = {}
-        for b in bits:
-            q = copy.deepcopy(model)
-            ev.quantize_component(q, "blip-2", comp, b, scheme)
-            m = retrieval_metrics(q, processor, rows, k_test=k_test)
-            table[comp][b] = {k: m[k] for k in ("i2t_R@1", "t2i_R@1", "mean_recall")}
-            log(f"{scheme} {comp} w{b}: " + json.dumps(table[comp][b]))
-    return table
+
+    def score(q) -> dict[str, float]:
+        m = retrieval_metrics(q, processor, rows, k_test=k_test)
+        return {k: m[k] for k in ("i2t_R@1", "t2i_R@1", "mean_recall")}
+
+    return ev.component_table(model, "blip-2", score, bits, COMPONENTS, scheme, log)
 
 
 def recall_ceiling(rows: Sequence[dict]) -> dict[str, float]:

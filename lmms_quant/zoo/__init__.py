@@ -9,6 +9,10 @@
 * ``toy-blip2-itm``: ``Blip2ForImageTextRetrieval`` (BLIP-2 ViT, Q-Former, ITC and
   ITM heads) for retrieval; see :mod:`lmms_quant.zoo.toy_blip2_itm` and
   :mod:`lmms_quant.zoo.train_itm`.
+* ``toy-blip2``: ``Blip2ForConditionalGeneration`` (BLIP-2 ViT, Q-Former, OPT LM) for
+  captioning and VQA, started from toy-blip2-itm's ViT and Q-Former; see
+  :mod:`lmms_quant.zoo.toy_blip2` (the training loop is toy-llava's,
+  :data:`lmms_quant.zoo.train.FAMILIES` holds what differs).
 
 Rebuild a model with ``python -m lmms_quant.zoo.train --model NAME`` and check it
 with ``python -m lmms_quant.zoo.evaluate --model NAME --rtn``.

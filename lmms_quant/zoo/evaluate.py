@@ -54,13 +54,15 @@ __all__ = [
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "tasks" / "data" / "world"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
+# The prompts quant_vlm sends each family for the world tasks (lmms-eval's default
+# post_prompt inside the family's template), which the zoo's models are trained on.
 VQA_PROMPTS = {
     "llava": "USER: <image>\n{question}\nAnswer the question using a single word or phrase. ASSISTANT:",
-    "blip-2": "Question: {question} Short answer:",
+    "blip-2": "{question}\nAnswer the question using a single word or phrase.",
 }
 CAPTION_PROMPTS = {
     "llava": "USER: <image>\nProvide a one-sentence caption for the provided image. ASSISTANT:",
-    "blip-2": "",
+    "blip-2": "Provide a one-sentence caption for the provided image.",
 }
 # Where each component's transformer blocks live, per model_type (module paths of
 # transformers 5.x); "projector" has no blocks, its linears are quantized directly.

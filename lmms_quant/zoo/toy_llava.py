@@ -172,22 +172,27 @@ def pixel_values(images: list[np.ndarray]) -> torch.Tensor:
 
 
 def encode_examples(
-    tokenizer: PreTrainedTokenizerFast, conversations: list[list[tuple[str, str]]], image_tokens: int
+    tokenizer: PreTrainedTokenizerFast, conversations: list[list[tuple[str, str]]], image_tokens: int, image_first: bool = False
 ) -> dict[str, torch.Tensor]:
     """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` for training.
 
-    Each conversation is a list of ``(prompt, target)`` turns, the first prompt holding
-    ``<image>``.  A sequence is ``<s> prompt_1 target_1 </s> prompt_2 target_2 </s> ...``
-    (image tokens expanded); labels are ``-100`` everywhere but on the target words
-    and each ``</s>``.
+    Each conversation is a list of ``(prompt, target)`` turns.  LLaVA's layout (the
+    default): the first prompt holds ``<image>``, and a sequence is
+    ``<s> prompt_1 target_1 </s> prompt_2 target_2 </s> ...`` with the image tokens
+    expanded in place.  ``image_first`` is BLIP-2's: ``image_tokens`` image tokens
+    come before ``<s>`` and no prompt holds ``<image>``.  Labels are ``-100``
+    everywhere but on the target words and each ``</s>``.
     """
     image = "<image>" * image_tokens
+    image_id = tokenizer.convert_tokens_to_ids("<image>")
     rows, labels = [], []
     for turns in conversations:
         if not turns:
             raise ValueError("every conversation needs at least one (prompt, target) turn")
-        row: list[int] = []
-        lab: list[int] = []
+        if image_first and any("<image>" in prompt for prompt, _ in turns):
+            raise ValueError("with image_first the image tokens go before <s>: no prompt may hold <image>")
+        row: list[int] = [image_id] * image_tokens if image_first else []
+        lab: list[int] = [IGNORE_INDEX] * len(row)
         for k, (prompt, target) in enumerate(turns):
             p = tokenizer(prompt.replace("<image>", image), add_special_tokens=k == 0)["input_ids"]
             t = tokenizer(" " + target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

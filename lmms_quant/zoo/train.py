@@ -2,7 +2,11 @@
 
 ``python -m lmms_quant.zoo.train --model toy-llava [--steps N] [--out DIR] [--threads 1]``
 
-(``--model toy-blip2-itm`` trains the retrieval model: :mod:`lmms_quant.zoo.train_itm`.)
+(``--model toy-blip2-itm`` trains the retrieval model: :mod:`lmms_quant.zoo.train_itm`.
+``--model toy-blip2`` trains the generative BLIP-2 with this module's stage 2,
+starting from toy-blip2-itm's ViT and Q-Former instead of stage 1: BLIP-2's own
+two stages.  What differs between the generative families (builder, prompts,
+where the image tokens go, where the ViT is) is one row of :data:`FAMILIES`.)
 
 Two stages.  **Stage 1** trains the vision tower alone with dense supervision
 from the world's ground truth: a linear probe (discarded afterwards) on every
@@ -29,11 +33,13 @@ written to ``--out`` (default: the shipped folder ``lmms_quant/zoo/models/<model
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -43,21 +49,14 @@ from PIL import Image
 from lmms_quant.world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, make_item
 from lmms_quant.world.scene import Scene, object_masks
 from lmms_quant.zoo import evaluate as ev
+from lmms_quant.zoo import toy_blip2, toy_llava
 from lmms_quant.zoo.schedule import Schedule, lr_at
 from lmms_quant.zoo.tokenizer import build_tokenizer
-from lmms_quant.zoo.toy_llava import (
-    CAPTION_PROMPT,
-    FOLLOWUP_VQA_PROMPT,
-    VQA_PROMPT,
-    ToyLlavaSpec,
-    build_model,
-    build_processor,
-    encode_examples,
-    pixel_values,
-)
+from lmms_quant.zoo.toy_blip2 import ToyBlip2Spec
+from lmms_quant.zoo.toy_llava import ToyLlavaSpec, encode_examples, pixel_values
 from lmms_quant.zoo.train_itm import ItmRecipe, finish_itm, train_toy_blip2_itm
 
-__all__ = ["RECIPES", "Recipe", "lr_at", "patch_labels", "train_toy_llava"]
+__all__ = ["FAMILIES", "Family", "RECIPES", "Recipe", "SlotProbe", "best_assignment", "lr_at", "object_labels", "patch_labels", "train_generative"]
 
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 GOAL_VQA = 0.90  # full-precision VQA accuracy the zoo's generative models should reach
@@ -66,12 +65,59 @@ MAX_FP32_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
+class Family:
+    """What stage 2 needs to know about a generative family: data, not per-model code."""
+
+    model_type: str  # config.model_type (the key of evaluate.VQA_PROMPTS and COMPONENT_BLOCKS)
+    build_model: Callable
+    build_processor: Callable
+    vqa_prompt: str
+    followup_prompt: str  # a later turn's prompt, right after the previous turn's </s>
+    caption_prompt: str
+    image_first: bool  # BLIP-2: the image tokens precede <s>; LLaVA: they replace <image> in the prompt
+    vision: str  # submodule path of the ViT (its encoder.layers[-1] feeds the dense loss)
+    tokenizer_kwargs: dict = field(default_factory=dict)
+    queries: str | None = None  # submodule whose output is the connector's query states (the slot loss reads them)
+
+
+FAMILIES: dict[type, Family] = {
+    ToyLlavaSpec: Family(
+        "llava",
+        toy_llava.build_model,
+        toy_llava.build_processor,
+        toy_llava.VQA_PROMPT,
+        toy_llava.FOLLOWUP_VQA_PROMPT,
+        toy_llava.CAPTION_PROMPT,
+        image_first=False,
+        vision="model.vision_tower",
+    ),
+    ToyBlip2Spec: Family(
+        "blip-2",
+        toy_blip2.build_model,
+        toy_blip2.build_processor,
+        toy_blip2.VQA_PROMPT,
+        toy_blip2.FOLLOWUP_VQA_PROMPT,
+        toy_blip2.CAPTION_PROMPT,
+        image_first=True,
+        vision="vision_model",
+        tokenizer_kwargs={"image_token_attribute": False},  # see build_tokenizer: a Blip2Processor bug
+        queries="qformer",
+    ),
+}
+
+
+@dataclass(frozen=True)
 class Recipe(Schedule):
-    """toy-llava's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule` plus its examples' make-up."""
+    """A generative zoo model's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule`
+    plus its examples' make-up; ``spec``'s type picks the family (:data:`FAMILIES`)."""
 
     caption_fraction: float = 0.3
-    vqa_turns: int = 1  # questions of the item per example (LLaVA multi-turn); a caption turn may come first
-    spec: ToyLlavaSpec = field(default_factory=ToyLlavaSpec)
+    vqa_turns: int = 1  # questions of the item per example (multi-turn); a caption turn may come first
+    spec: ToyLlavaSpec | ToyBlip2Spec = field(default_factory=ToyLlavaSpec)
+    # a shipped toy-blip2-itm to take the ViT and Q-Former from (BLIP-2 only; then vision_steps is 0)
+    init_from: str | None = None
+    # weight of the object-slot loss on the connector's queries (:class:`SlotProbe`; families with queries)
+    slot_weight: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,12 +125,28 @@ class Recipe(Schedule):
             raise ValueError(f"vqa_turns must be >= 1, got {self.vqa_turns}")
         if not 0.0 <= self.caption_fraction <= 1.0:
             raise ValueError(f"caption_fraction must be in [0, 1], got {self.caption_fraction}")
+        if type(self.spec) not in FAMILIES:
+            raise ValueError(f"spec must be one of {[t.__name__ for t in FAMILIES]}, got {type(self.spec).__name__}")
+        if self.slot_weight < 0:
+            raise ValueError(f"slot_weight must be >= 0, got {self.slot_weight}")
+        if self.slot_weight > 0 and self.family.queries is None:
+            raise ValueError(f"slot_weight needs a connector with queries (BLIP-2's Q-Former); {type(self.spec).__name__} has none")
+        if self.init_from is not None and not isinstance(self.spec, ToyBlip2Spec):
+            raise ValueError(f"init_from ({self.init_from!r}) is for toy-blip2 (a retrieval model's ViT and Q-Former); spec is {type(self.spec).__name__}")
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[type(self.spec)]
 
 
 # toy-llava: a 4-layer language model (2 layers learned single-object questions but
 # stalled at 0.65 VQA by step 1,800, with relative-position questions near 0.3).
+# toy-blip2: BLIP-2's stage 2 from the shipped toy-blip2-itm (its ViT already had stage 1).
 RECIPES: dict[str, Recipe | ItmRecipe] = {
     "toy-llava": Recipe(steps=3600, eval_every=600, vqa_turns=3, spec=ToyLlavaSpec(text_layers=4)),
+    "toy-blip2": Recipe(
+        steps=3600, eval_every=600, vqa_turns=3, spec=ToyBlip2Spec(), init_from="toy-blip2-itm", vision_steps=0
+    ),
     "toy-blip2-itm": ItmRecipe(),
 }
 
@@ -139,13 +201,77 @@ class DenseProbe(torch.nn.Module):
         return {n: float((z.argmax(-1) == labels[..., k])[fg].float().mean()) for k, (n, z) in enumerate(zip(names, logits))}
 
 
+# Object slots: colour (6 + "no object"), shape, size, column and row of the centre (thirds of the image).
+POSITION_BINS = 3
+SLOT_CLASSES = (len(_COLOURS) + 1, len(_SHAPES), len(_SIZES), POSITION_BINS, POSITION_BINS)
+NO_OBJECT = SLOT_CLASSES[0] - 1
+
+
+def object_labels(scene: Scene) -> np.ndarray:
+    """``(n_objects, 5)`` int64: colour, shape, size, column and row third of each object's centre."""
+
+    def third(v: float) -> int:
+        return min(POSITION_BINS - 1, int(v * POSITION_BINS / IMAGE_SIZE))
+
+    rows = [(_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), third(o.x), third(o.y)) for o in scene.objects]
+    return np.array(rows, dtype=np.int64).reshape(-1, len(SLOT_CLASSES))
+
+
+@cache
+def _injections(n_queries: int, n_objects: int) -> np.ndarray:
+    return np.array(list(itertools.permutations(range(n_queries), n_objects)), dtype=np.int64).reshape(-1, n_objects)
+
+
+def best_assignment(cost: np.ndarray) -> np.ndarray:
+    """The query for each object (distinct queries) that minimises the summed ``cost[query, object]``,
+    by trying every assignment (the world has at most three objects); ties go to the first found."""
+    n_queries, n_objects = cost.shape
+    if n_objects > n_queries:
+        raise ValueError(f"{n_objects} objects cannot be matched to {n_queries} queries")
+    options = _injections(n_queries, n_objects)
+    return options[int(np.argmin(cost[options, np.arange(n_objects)].sum(axis=1)))]
+
+
+class SlotProbe(torch.nn.Module):
+    """DETR's set loss on the connector's query states (training only, discarded afterwards).
+
+    A linear head predicts, from each query, an object's colour (or "no object"),
+    shape, size and the thirds of the image its centre lies in.  Each object is
+    matched to the query that predicts it best (:func:`best_assignment` on the summed
+    negative log-likelihoods); matched queries are trained on their object's five
+    attributes, the others on "no object".  This makes the queries object slots, with
+    each object's attributes bound in one query, which the language model then reads.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, sum(SLOT_CLASSES))
+
+    def loss(self, queries: torch.Tensor, objects: list[np.ndarray]) -> torch.Tensor:
+        logp = [torch.log_softmax(z, dim=-1) for z in self.proj(queries).split(SLOT_CLASSES, dim=-1)]
+        n_queries = queries.shape[1]
+        total = queries.new_zeros(())
+        for b, objs in enumerate(objects):
+            idx = torch.from_numpy(objs).to(queries.device)
+            cost = -sum(logp[k][b][:, idx[:, k]] for k in range(len(SLOT_CLASSES)))  # (queries, objects)
+            chosen = torch.from_numpy(best_assignment(cost.detach().cpu().numpy())).to(queries.device)
+            empty = torch.ones(n_queries, dtype=torch.bool, device=queries.device)
+            empty[chosen] = False
+            matched = cost[chosen, torch.arange(len(objs), device=queries.device)].sum()
+            total = total + (matched - logp[0][b, empty, NO_OBJECT].sum()) / n_queries
+        return total / len(objects)
+
+
 def _patch_tokens(vision_tower, pixels: torch.Tensor) -> torch.Tensor:
     """The tower's last-layer patch tokens (CLS dropped): what LLaVA feeds its projector."""
     return vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
 
 
-def training_batch(step: int, recipe: Recipe) -> tuple[list[np.ndarray], list[list[tuple[str, str]]], torch.Tensor]:
-    """Images, conversations and dense patch labels of one stage-2 step; a pure function of ``(step, recipe)``.
+def training_batch(
+    step: int, recipe: Recipe
+) -> tuple[list[np.ndarray], list[list[tuple[str, str]]], torch.Tensor, list[np.ndarray]]:
+    """Images, conversations, dense patch labels and object labels of one stage-2 step; a pure
+    function of ``(step, recipe)``.
 
     With probability ``caption_fraction`` a conversation opens with a captioning turn
     (one of the five references) and then asks ``vqa_turns - 1`` of the item's
@@ -153,22 +279,24 @@ def training_batch(step: int, recipe: Recipe) -> tuple[list[np.ndarray], list[li
     the item has fewer).
     """
     rng = np.random.default_rng(np.random.SeedSequence(entropy=recipe.seed, spawn_key=(step,)))
-    images, conversations, dense = [], [], []
+    fam = recipe.family
+    images, conversations, dense, objects = [], [], [], []
     for j in range(recipe.batch_size):
         item = make_item("train", step * recipe.batch_size + j, recipe.world_seed)
         images.append(item.image)
         dense.append(patch_labels(item.scene, recipe.spec.patch_size))
+        objects.append(object_labels(item.scene))
         turns: list[tuple[str, str]] = []
         n_questions = recipe.vqa_turns
         if rng.random() < recipe.caption_fraction:
-            turns.append((CAPTION_PROMPT, item.captions[int(rng.integers(len(item.captions)))]))
+            turns.append((fam.caption_prompt, item.captions[int(rng.integers(len(item.captions)))]))
             n_questions -= 1
         for k in rng.permutation(len(item.questions))[:n_questions]:
             q = item.questions[int(k)]
-            prompt = FOLLOWUP_VQA_PROMPT if turns else VQA_PROMPT
+            prompt = fam.followup_prompt if turns else fam.vqa_prompt
             turns.append((prompt.format(question=q.question), q.answer))
         conversations.append(turns)
-    return images, conversations, torch.from_numpy(np.stack(dense))
+    return images, conversations, torch.from_numpy(np.stack(dense)), objects
 
 
 def _eval_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
@@ -256,77 +384,116 @@ def train_vision(
     return curve
 
 
-def train_toy_llava(recipe: Recipe, out: Path | None, log: Callable[[str], None] = print, device: str = "cpu") -> dict:
-    """Train toy-llava with ``recipe``; save to ``out`` (unless None); return a report.
+def train_generative(
+    recipe: Recipe, out: Path | None, log: Callable[[str], None] = print, device: str = "cpu", name: str = "toy-llava"
+) -> dict:
+    """Train the generative zoo model ``name`` with ``recipe``; save to ``out`` (unless None); return a report.
 
     ``device`` other than ``"cpu"`` is for exploring recipes quickly; the shipped
-    model is trained on the CPU.
+    models are trained on the CPU.
     """
     torch.manual_seed(recipe.seed)
-    tokenizer = build_tokenizer()
+    fam = recipe.family
+    tokenizer = build_tokenizer(**fam.tokenizer_kwargs)
     spec = recipe.spec
-    model = build_model(spec, tokenizer).to(device)
-    processor = build_processor(spec, tokenizer)
+    model = fam.build_model(spec, tokenizer)
+    if recipe.init_from is not None:
+        from lmms_quant.zoo import model_dir
+
+        copied = toy_blip2.init_from_itm(model, model_dir(recipe.init_from))
+        log(f"{name}: {len(copied)} vision/Q-Former tensors from {recipe.init_from}")
+    model = model.to(device)
+    processor = fam.build_processor(spec, tokenizer)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"toy-llava: {n_params:,} parameters, {spec.image_tokens} image tokens, vocab {len(tokenizer)}")
+    log(f"{name}: {n_params:,} parameters, {spec.image_tokens} image tokens, vocab {len(tokenizer)}")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     eval_vqa, eval_caps = _eval_rows(recipe)
     t0 = time.time()
     probe = DenseProbe(spec.vision_hidden).to(device)  # created after the model: the seed fixes both
-    vision_curve = train_vision(model.model.vision_tower, probe, recipe, log=log, device=device)
-    # Stage 2: the dense loss rides on the tower's last layer inside LLaVA's own forward.
-    captured: list[torch.Tensor] = []
+    vision_tower = model.get_submodule(fam.vision)
+    vision_curve = train_vision(vision_tower, probe, recipe, log=log, device=device)
+    # Stage 2: the dense loss rides on the tower's last layer inside the model's own forward,
+    # the slot loss (if any) on the connector's query states.
+    probes = [probe]
+    slots = None
+    if recipe.slot_weight > 0:
+        slots = SlotProbe(model.get_submodule(fam.queries).config.hidden_size).to(device)
+        probes.append(slots)
+    probe_params = [p for pr in probes for p in pr.parameters()]
+    captured: dict[str, torch.Tensor] = {}
 
-    def capture(_module, _inputs, out) -> None:
-        captured.append(out[0] if isinstance(out, tuple) else out)
+    def capture(key: str):
+        def hook(_module, _inputs, out) -> None:
+            captured[key] = out if isinstance(out, torch.Tensor) else out[0]
 
-    last_layer = model.model.vision_tower.encoder.layers[-1]
-    hook = last_layer.register_forward_hook(capture)
+        return hook
+
+    watched = {"vision": vision_tower.encoder.layers[-1]}
+    if slots is not None:
+        watched["queries"] = model.get_submodule(fam.queries)
+
+    def attach() -> list:
+        return [module.register_forward_hook(capture(key)) for key, module in watched.items()]
+
+    hooks = attach()
     opt = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": recipe.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
-            {"params": list(probe.parameters()), "weight_decay": 0.0},
+            {"params": probe_params, "weight_decay": 0.0},
         ],
         lr=recipe.lr,
         betas=recipe.betas,
     )
     curve: list[dict] = []
     losses: list[float] = []
+    slot_losses: list[float] = []
     for step in range(recipe.steps):
         model.train()
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        images, conversations, dense = training_batch(step, recipe)
-        batch = encode_examples(tokenizer, conversations, spec.image_tokens)
+        images, conversations, dense, objects = training_batch(step, recipe)
+        batch = encode_examples(tokenizer, conversations, spec.image_tokens, image_first=fam.image_first)
         batch = {k: v.to(device) for k, v in batch.items()}
         captured.clear()
         lm_loss = model(pixel_values=pixel_values(images).to(device), **batch).loss
         loss = lm_loss
         if recipe.aux_weight > 0:
-            loss = loss + recipe.aux_weight * probe.loss(captured[-1][:, 1:], dense.to(device))
+            loss = loss + recipe.aux_weight * probe.loss(captured["vision"][:, 1:], dense.to(device))
+        slot_loss = None
+        if slots is not None:
+            slot_loss = slots.loss(captured["queries"], objects)
+            loss = loss + recipe.slot_weight * slot_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], recipe.grad_clip)
+        torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe_params], recipe.grad_clip)
         opt.step()
         losses.append(float(lm_loss.detach()))
+        if slot_loss is not None:
+            slot_losses.append(float(slot_loss.detach()))
         if (step + 1) % 50 == 0:
-            log(f"step {step + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f} lr {lr:.2e} {time.time() - t0:.0f}s")
+            extra = f" slots {np.mean(slot_losses[-50:]):.4f}" if slot_losses else ""
+            log(f"step {step + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f}{extra} lr {lr:.2e} {time.time() - t0:.0f}s")
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
-            hook.remove()  # generation must not grow the capture list
-            m = ev.evaluate(model, processor, "llava", eval_vqa, eval_caps[:32])
-            hook = last_layer.register_forward_hook(capture)
+            for h in hooks:  # generation needs no captures
+                h.remove()
+            m = ev.evaluate(model, processor, fam.model_type, eval_vqa, eval_caps[:32])
+            hooks = attach()
             point = {"step": step + 1, "seconds": round(time.time() - t0, 1), "loss": float(np.mean(losses[-50:]))}
+            if slot_losses:
+                point["slot_loss"] = float(np.mean(slot_losses[-50:]))
             point.update({k: round(v, 4) for k, v in m.items() if isinstance(v, float)})
             curve.append(point)
             log("eval " + json.dumps(point))
             log("  caption: " + m["examples"][0])
-    hook.remove()
+    for h in hooks:
+        h.remove()
     seconds = time.time() - t0
     report = {
-        "model": "toy-llava",
+        "model": name,
+        "family": fam.model_type,
         "parameters": n_params,
         "recipe": asdict(recipe),
         "train_seconds": round(seconds, 1),
@@ -358,10 +525,19 @@ def _at_bits(accs: dict, bits: int) -> float:
 def training_md(report: dict, evaluation: dict | None) -> str:
     """The ``TRAINING.md`` of a shipped model: recipe, wall time, curve, metrics."""
     r = report["recipe"]
+    family = report.get("family", "llava")
+    names = {"projector": "Q-Former"} if family == "blip-2" else {}
+    blocks_note = "for the Q-Former: the linears of its layers" if family == "blip-2" else "the projector: its two linears"
+    start = (
+        f"Trained on the synthetic world (`lmms_quant.world`), starting from {r['init_from']}'s ViT and Q-Former"
+        " (BLIP-2's stage 1), by"
+        if r.get("init_from")
+        else "Trained from scratch on the synthetic world (`lmms_quant.world`) by"
+    )
     lines = [
         f"# {report['model']}",
         "",
-        "Trained from scratch on the synthetic world (`lmms_quant.world`) by",
+        start,
         f"`python -m lmms_quant.zoo.train --model {report['model']}` (one CPU thread, deterministic).",
         "",
         "## Recipe",
@@ -375,8 +551,21 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         f" embeddings), {r['warmup']} warm-up steps then cosine to {r['min_lr_ratio']} x lr, grad-norm clip"
         f" {r['grad_clip']}",
         f"- {r['caption_fraction']:.0%} of the examples open with a captioning turn; each example asks"
-        f" {r.get('vqa_turns', 1)} turn(s) in all (LLaVA's multi-turn format, the item's questions in a random order);"
-        " loss on the answer tokens and each `</s>` only",
+        f" {r.get('vqa_turns', 1)} turn(s) in all (multi-turn: the item's questions in a random order, each later"
+        " turn's prompt right after the previous `</s>`); loss on the answer tokens and each `</s>` only",
+        (
+            f"- stage 1: {r['vision_steps']} steps of the dense per-patch attribute loss on the ViT alone (batch"
+            f" {r['vision_batch_size']}, lr {r['vision_lr']})"
+            if r.get("vision_steps")
+            else f"- no stage 1: the ViT (already through it) and the Q-Former come from {r.get('init_from')}"
+        ),
+        f"- stage 2 auxiliary losses: the dense loss on the ViT's last layer (weight {r['aux_weight']})"
+        + (
+            f"; the object-slot set loss on the Q-Former's queries (weight {r['slot_weight']}; DETR-style matching,"
+            " `lmms_quant.zoo.train.SlotProbe`)"
+            if r.get("slot_weight")
+            else ""
+        ),
         f"- wall time {report['train_seconds'] / 60:.1f} min on {report['threads']} thread(s)"
         f" (torch {report['torch']}, Python {report['python']}; the machine was shared, so time varies)",
         "",
@@ -413,12 +602,12 @@ def training_md(report: dict, evaluation: dict | None) -> str:
             bits = sorted({int(b) for comp in table.values() for b in comp})
             rows = [[f"component quantized ({title})", *[f"W{b}" for b in bits]]]
             for comp, accs in table.items():
-                rows.append([comp] + [f"{_at_bits(accs, b):.4f}" for b in bits])
+                rows.append([names.get(comp, comp)] + [f"{_at_bits(accs, b):.4f}" for b in bits])
             lines += [
                 f"## VQA accuracy with one component quantized: {scheme} (full precision: {fp['vqa']:.4f})",
                 "",
-                "Every `nn.Linear` weight inside the component's transformer blocks (the projector: its two",
-                f"linears) goes through `lmms_quant.quantizers.rtn.fake_quantize(w, bits, {args})`.",
+                f"Every `nn.Linear` weight inside the component's transformer blocks ({blocks_note})",
+                f"goes through `lmms_quant.quantizers.rtn.fake_quantize(w, bits, {args})`.",
                 "",
                 _table(rows),
                 "",
@@ -487,8 +676,12 @@ def main(argv: list[str] | None = None) -> None:
         recipe = replace(recipe, **overrides)
     out = args.out or MODELS_DIR / args.model
     log = lambda s: print(s, flush=True)  # noqa: E731
-    train, evaluate = (train_toy_blip2_itm, finish_itm) if isinstance(recipe, ItmRecipe) else (train_toy_llava, finish)
-    train(recipe, out, log=log, device=args.device)
+    if isinstance(recipe, ItmRecipe):
+        train_toy_blip2_itm(recipe, out, log=log, device=args.device)
+        evaluate = finish_itm
+    else:
+        train_generative(recipe, out, log=log, device=args.device, name=args.model)
+        evaluate = finish
     if not args.no_eval:
         evaluate(out, log=log)
 

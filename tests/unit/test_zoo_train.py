@@ -17,7 +17,7 @@ from lmms_quant.zoo.train import (
     Recipe,
     lr_at,
     patch_labels,
-    train_toy_llava,
+    train_generative,
     training_batch,
 )
 
@@ -97,7 +97,7 @@ def test_two_stages_are_bit_reproducible() -> None:
     logs: list[str] = []
     states = []
     for _ in range(2):
-        report = train_toy_llava(recipe, out=None, log=logs.append)
+        report = train_generative(recipe, out=None, log=logs.append)
         states.append(report)
     a, b = states
     def measured(curve):  # everything but the wall time, which no seed fixes
@@ -134,7 +134,7 @@ def test_multi_turn_encoding_labels_only_the_answers() -> None:
 @pytest.mark.parametrize("caption_fraction", [0.0, 1.0])
 def test_training_batch_turns(caption_fraction: float) -> None:
     recipe = Recipe(batch_size=4, vqa_turns=3, caption_fraction=caption_fraction)
-    images, conversations, dense = training_batch(5, recipe)
+    images, conversations, dense, _ = training_batch(5, recipe)
     assert len(images) == len(conversations) == dense.shape[0] == 4
     for j, turns in enumerate(conversations):
         item = make_item("train", 5 * 4 + j, recipe.world_seed)

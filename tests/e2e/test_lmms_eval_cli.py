@@ -106,3 +106,29 @@ def test_gptq_and_awq_through_the_cli_record_their_calibration(tmp_path, method_
     assert (calib["source"], calib["samples"], calib["seed"], calib["cache"]) == ("world", 8, 3, "miss")
     assert len(calib["sha256"]) == 64 and len(calib["layers"]) == 26
     assert {m["method"] for m in q["quantized_modules"]} == {method_args.split(",")[0].split("=")[1]}
+
+
+def test_shipped_blip2_at_8_bits_through_the_cli_matches_full_precision(tmp_path):
+    """toy-blip2 (BLIP-2 OPT) by zoo name: every component at 8 bits through lmms-eval's
+    VQA and caption tasks, VQA within 2 points of the same model in full precision
+    scored in process on the same rows, and captions that score."""
+    import torch
+
+    from lmms_quant.zoo import evaluate as ev
+    from lmms_quant.zoo import model_dir
+
+    torch.set_num_threads(1)
+    model, processor, model_type = ev.load(model_dir("toy-blip2"))
+    rows = ev.load_rows(ev.DATA_DIR / "vqa_test.jsonl", limit=60)
+    fp = ev.evaluate(model, processor, model_type, rows, [])["vqa"]
+    out = tmp_path / "out"
+    proc = run([str(BIN / "lmms-eval"), "--model", "quant_vlm", "--model_args", "pretrained=toy-blip2,bits_vit=8,bits_connector=8,bits_llm=8",
+                "--tasks", "lq_world_vqa,lq_world_caption", "--limit", "60", "--batch_size", "30", "--output_path", str(out)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [results_file] = list(out.rglob("*_results.json"))
+    results = json.loads(results_file.read_text())
+    assert results["lmms_quant"]["model"]["class"] == "Blip2ForConditionalGeneration"
+    assert {m["component"] for m in results["lmms_quant"]["quantization"]["quantized_modules"]} == {"vit", "connector", "llm"}
+    vqa = results["results"]["lq_world_vqa"]["vqa_accuracy,none"]
+    assert abs(vqa - fp) <= 0.02, (vqa, fp)
+    assert results["results"]["lq_world_caption"]["CIDEr,none"] > 1.0

@@ -32,16 +32,13 @@ from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
     Blip2Processor,
-    Blip2QFormerConfig,
-    Blip2VisionConfig,
-    GenerationConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
 )
 
-from lmms_quant.world import IMAGE_SIZE
+from lmms_quant.zoo.toy_blip2_itm import Blip2Sizes, vision_qformer_configs
 from lmms_quant.zoo.toy_blip2_itm import build_processor as build_itm_processor
-from lmms_quant.zoo.toy_llava import check_sizes
+from lmms_quant.zoo.toy_llava import check_sizes, greedy_generation_config
 
 __all__ = [
     "CAPTION_PROMPT",
@@ -59,19 +56,10 @@ CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
 @dataclass(frozen=True)
-class ToyBlip2Spec:
-    """Sizes of toy-blip2; the vision and Q-Former sizes must equal toy-blip2-itm's to start from it."""
+class ToyBlip2Spec(Blip2Sizes):
+    """Sizes of toy-blip2: toy-blip2-itm's ViT and Q-Former (:class:`Blip2Sizes`, which it
+    starts from) plus the OPT language model."""
 
-    patch_size: int = 8
-    vision_hidden: int = 192
-    vision_layers: int = 4
-    vision_heads: int = 4
-    vision_mlp: int = 384
-    qformer_hidden: int = 192
-    qformer_layers: int = 2
-    qformer_heads: int = 4
-    qformer_mlp: int = 384
-    num_query_tokens: int = 8
     text_hidden: int = 256
     text_layers: int = 4
     text_heads: int = 4
@@ -92,28 +80,7 @@ class ToyBlip2Spec:
 
 def build_model(spec: ToyBlip2Spec, tokenizer: PreTrainedTokenizerFast) -> Blip2ForConditionalGeneration:
     """A randomly initialised toy-blip2 (call ``torch.manual_seed`` first)."""
-    vision = Blip2VisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_mlp,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=IMAGE_SIZE,
-        patch_size=spec.patch_size,
-        initializer_range=0.02,
-    )
-    qformer = Blip2QFormerConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.qformer_hidden,
-        num_hidden_layers=spec.qformer_layers,
-        num_attention_heads=spec.qformer_heads,
-        intermediate_size=spec.qformer_mlp,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        cross_attention_frequency=1,
-        encoder_hidden_size=spec.vision_hidden,
-        use_qformer_text_input=False,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    vision, qformer = vision_qformer_configs(spec, tokenizer, use_qformer_text_input=False)
     text = OPTConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.text_hidden,
@@ -140,13 +107,7 @@ def build_model(spec: ToyBlip2Spec, tokenizer: PreTrainedTokenizerFast) -> Blip2
     )
     model = Blip2ForConditionalGeneration(config)
     torch.nn.init.normal_(model.query_tokens, std=0.02)
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        do_sample=False,
-        max_new_tokens=24,
-    )
+    model.generation_config = greedy_generation_config(tokenizer)
     return model
 
 

@@ -36,10 +36,12 @@ from lmms_quant.world import IMAGE_SIZE
 from lmms_quant.zoo.toy_llava import CLIP_MEAN, CLIP_STD, check_sizes
 
 __all__ = [
+    "Blip2Sizes",
     "ToyItmSpec",
     "build_model",
     "build_processor",
     "caption_key",
+    "vision_qformer_configs",
     "encode_images",
     "encode_texts",
     "itc_loss",
@@ -50,8 +52,9 @@ __all__ = [
 
 
 @dataclass(frozen=True)
-class ToyItmSpec:
-    """Sizes of toy-blip2-itm."""
+class Blip2Sizes:
+    """The ViT and Q-Former sizes of the zoo's BLIP-2 models (toy-blip2 starts from
+    toy-blip2-itm's ViT and Q-Former, so both extend these)."""
 
     patch_size: int = 8
     vision_hidden: int = 192
@@ -63,6 +66,42 @@ class ToyItmSpec:
     qformer_heads: int = 4
     qformer_mlp: int = 384
     num_query_tokens: int = 8
+
+
+def vision_qformer_configs(
+    spec: Blip2Sizes, tokenizer: PreTrainedTokenizerFast, **qformer: object
+) -> tuple[Blip2VisionConfig, Blip2QFormerConfig]:
+    """BLIP-2's ViT and Q-Former configs of ``spec``'s sizes (queries cross-attend in every
+    layer, no dropout); ``qformer`` adds Q-Former settings (its text input)."""
+    vision = Blip2VisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=spec.vision_mlp,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=IMAGE_SIZE,
+        patch_size=spec.patch_size,
+        initializer_range=0.02,  # BLIP-2's default (1e-10) assumes pretrained weights are loaded over it
+    )
+    qformer_config = Blip2QFormerConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.qformer_hidden,
+        num_hidden_layers=spec.qformer_layers,
+        num_attention_heads=spec.qformer_heads,
+        intermediate_size=spec.qformer_mlp,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        cross_attention_frequency=1,
+        encoder_hidden_size=spec.vision_hidden,
+        pad_token_id=tokenizer.pad_token_id,
+        **qformer,
+    )
+    return vision, qformer_config
+
+
+@dataclass(frozen=True)
+class ToyItmSpec(Blip2Sizes):
+    """Sizes of toy-blip2-itm: :class:`Blip2Sizes` plus its ITC space and text length."""
+
     embed_dim: int = 128  # ITC space (``image_text_hidden_size``)
     max_text_len: int = 40
 
@@ -80,29 +119,7 @@ class ToyItmSpec:
 
 def build_model(spec: ToyItmSpec, tokenizer: PreTrainedTokenizerFast) -> Blip2ForImageTextRetrieval:
     """A randomly initialised toy-blip2-itm (call ``torch.manual_seed`` first)."""
-    vision = Blip2VisionConfig(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=spec.vision_mlp,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=IMAGE_SIZE,
-        patch_size=spec.patch_size,
-        initializer_range=0.02,  # BLIP-2's default (1e-10) assumes pretrained weights are loaded over it
-    )
-    qformer = Blip2QFormerConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=spec.qformer_hidden,
-        num_hidden_layers=spec.qformer_layers,
-        num_attention_heads=spec.qformer_heads,
-        intermediate_size=spec.qformer_mlp,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        max_position_embeddings=spec.max_text_len,
-        cross_attention_frequency=1,
-        encoder_hidden_size=spec.vision_hidden,
-        use_qformer_text_input=True,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    vision, qformer = vision_qformer_configs(spec, tokenizer, use_qformer_text_input=True, max_position_embeddings=spec.max_text_len)
     # Blip2Config needs a language model config; the retrieval model builds none.
     text = OPTConfig(hidden_size=32, ffn_dim=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=len(tokenizer))
     config = Blip2Config(

@@ -46,6 +46,7 @@ __all__ = [
     "build_processor",
     "check_sizes",
     "encode_examples",
+    "greedy_generation_config",
     "pixel_values",
 ]
 
@@ -131,14 +132,19 @@ def build_model(spec: ToyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> Llava
         vision_feature_layer=-1,
     )
     model = LlavaForConditionalGeneration(config)
-    model.generation_config = GenerationConfig(
+    model.generation_config = greedy_generation_config(tokenizer)
+    return model
+
+
+def greedy_generation_config(tokenizer: PreTrainedTokenizerFast) -> GenerationConfig:
+    """The zoo's generation defaults: greedy, at most 24 new tokens, the world tokenizer's special ids."""
+    return GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         do_sample=False,
         max_new_tokens=24,
     )
-    return model
 
 
 def build_processor(spec: ToyLlavaSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaProcessor:

@@ -420,7 +420,8 @@ def train_generative(
     probes = [probe]
     slots = None
     if recipe.slot_weight > 0:
-        slots = SlotProbe(model.get_submodule(fam.queries).config.hidden_size).to(device)
+        queries = model.get_submodule(fam.queries)
+        slots = SlotProbe(queries.config.hidden_size).to(device)
         probes.append(slots)
     probe_params = [p for pr in probes for p in pr.parameters()]
     captured: dict[str, torch.Tensor] = {}
@@ -433,7 +434,7 @@ def train_generative(
 
     watched = {"vision": vision_tower.encoder.layers[-1]}
     if slots is not None:
-        watched["queries"] = model.get_submodule(fam.queries)
+        watched["queries"] = queries
 
     def attach() -> list:
         return [module.register_forward_hook(capture(key)) for key, module in watched.items()]

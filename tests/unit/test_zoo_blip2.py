@@ -43,15 +43,16 @@ def tokenizer():
 def test_prompts_are_what_quant_vlm_sends_a_blip2_model() -> None:
     """quant_vlm formats a blip2 prompt as the bare text (PROMPT_TEMPLATES) and the world
     tasks add lmms-eval's default post_prompt: the model must be trained on exactly that."""
-    import yaml
+    from lmms_eval.utils import load_yaml_config
 
     from lmms_quant.models import PROMPT_TEMPLATES
 
-    tasks = model_dir("toy-llava").parents[3] / "tasks" / "world"
-    loader = type("L", (yaml.SafeLoader,), {})
-    loader.add_constructor("!function", lambda ld, node: None)
-    vqa = yaml.load((tasks / "lq_world_vqa.yaml").read_text(), Loader=loader)["lmms_eval_specific_kwargs"]["default"]
-    cap = yaml.load((tasks / "lq_world_caption.yaml").read_text(), Loader=loader)["lmms_eval_specific_kwargs"]["default"]
+    tasks = ev.DATA_DIR.parents[1] / "world"  # the task YAMLs beside tasks/data/world
+
+    def default_kwargs(name: str) -> dict:
+        return load_yaml_config(str(tasks / name), mode="simple")["lmms_eval_specific_kwargs"]["default"]
+
+    vqa, cap = default_kwargs("lq_world_vqa.yaml"), default_kwargs("lq_world_caption.yaml")
     q = "what color is the circle?"
     assert PROMPT_TEMPLATES["blip2"].format(prompt=vqa["pre_prompt"] + q + vqa["post_prompt"]) == VQA_PROMPT.format(question=q)
     assert PROMPT_TEMPLATES["blip2"].format(prompt=cap["prompt"]) == CAPTION_PROMPT

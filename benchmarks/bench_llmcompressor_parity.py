@@ -87,7 +87,7 @@ def _data(tok, args):
     eval_ws = common.windows(common.token_ids(tok, common.eval_text()), args.seq_len, keep_last=True)
     calib_file = common.calib_path(args.calib_file)
     calib_ws = common.calibration_windows(tok, args.calib_samples, args.seq_len, calib_file)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": common.device_name(args.device), "seq_len": args.seq_len,
             "eval_sha256": common.ids_sha256(eval_ws), "calib_file": calib_file.name,
             "calib_samples": len(calib_ws), "calib_sha256": common.ids_sha256(calib_ws)}
     return eval_ws, calib_ws, meta
@@ -98,12 +98,19 @@ def side_ours(args) -> dict:
 
     base, tok = common.load_model(args.model_cache)
     eval_ws, _, meta = _data(tok, args)
-    calib = ours.calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, args.calib_file)
+    calib = ours.calibration_set(tok, args.calib_samples, args.seq_len, args.calib_batch, args.calib_file, args.device)
     rows = []
     for method, bits, g in parse_configs(args.configs):
-        rows.append(ours.run_config(base, method, bits, g, calib, eval_ws))
+        rows.append(ours.run_config(base, method, bits, g, calib, eval_ws, args.device))
         print(json.dumps(rows[-1]), flush=True)
+        _save(args, {"side": "ours", "meta": meta, "rows": rows})
     return {"side": "ours", "meta": meta, "rows": rows}
+
+
+def _save(args, result: dict) -> None:
+    """Write ``--out`` after every configuration, so a run stopped part-way keeps the rows it finished."""
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
 
 
 def _llmc_recipe(method: str, bits: int, group_size: int):
@@ -157,26 +164,30 @@ def side_llmc(args) -> dict:
                                      "attention_mask": [[1] * w.shape[1] for w in calib_ws]})
     rows = []
     for method, bits, g in parse_configs(args.configs):
-        model = copy.deepcopy(base)
+        model = copy.deepcopy(base).to(args.device)  # on CUDA the whole model stays there (no offloading), as ours
         recipe = _llmc_recipe(method, bits, g)
+        common.reset_peak(args.device)
         t0, c0 = time.perf_counter(), time.process_time()
         oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(calib_ws), max_seq_length=args.seq_len,
                 shuffle_calibration_samples=False, batch_size=args.calib_batch, pipeline="sequential")
+        peak = common.peak_gib(args.device)  # synchronizes CUDA before the clocks are read
         quant_s, quant_cpu_s = time.perf_counter() - t0, time.process_time() - c0
         levels, n_q = _max_levels(model, bits, g)
         if levels > 2**bits:
             raise SystemExit(f"llm-compressor {method} {bits}-bit: effective weights have {levels} levels in a group")
-        row = {"method": method, "bits": bits, "group_size": g, "quant_s": quant_s, "quant_cpu_s": quant_cpu_s, "n_quantized": n_q, "max_levels": levels}
+        row = {"method": method, "bits": bits, "group_size": g, "quant_s": quant_s, "quant_cpu_s": quant_cpu_s, "peak_gib": peak,
+               "n_quantized": n_q, "max_levels": levels}
         row.update(common.perplexity(model, eval_ws))
         rows.append(row)
         print(json.dumps(row), flush=True)
+        _save(args, {"side": "llmc", "meta": meta, "rows": rows})
     return {"side": "llmc", "meta": meta, "rows": rows}
 
 
 def _run_side(python: str, side: str, out: Path, args) -> dict:
     cmd = [python, str(Path(__file__).resolve()), "--side", side, "--out", str(out), "--configs", args.configs,
            "--calib-samples", str(args.calib_samples), "--calib-file", args.calib_file, "--calib-batch", str(args.calib_batch), "--seq-len", str(args.seq_len),
-           "--threads", str(args.threads), "--model-cache", str(args.model_cache)]
+           "--threads", str(args.threads), "--model-cache", str(args.model_cache), "--device", args.device]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
     print("$", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, env=env)
@@ -204,19 +215,28 @@ def compare(ours: dict, theirs: dict, configs) -> None:
     print(f"\nSmolLM2-135M, calibration {theirs['meta']['calib_samples']} x {theirs['meta']['seq_len']} tokens"
           f" of {theirs['meta'].get('calib_file', '1787_united_states_constitution.txt')}; "
           f"ours torch {ours['meta']['torch']}, llm-compressor {theirs['meta'].get('llmcompressor')} torch {theirs['meta']['torch']}"
-          + (f"; fp perplexity {fp:.3f}" if fp else ""))
-    print("times: quantization call, wall clock and CPU time of the process; ratio = ours / llm-compressor")
+          + (f"; fp perplexity {fp:.3f}" if fp else "")
+          + f"; device ours {ours['meta'].get('device', 'cpu')}, llm-compressor {theirs['meta'].get('device', 'cpu')}")
+    if ours["meta"].get("device", "cpu") != theirs["meta"].get("device", "cpu"):
+        print("WARNING: the sides ran on different devices: compare perplexities, not times")
+    print("times: quantization call, wall clock and CPU time of the process; ratio = ours / llm-compressor; "
+          "peak: CUDA memory allocated during the call, GiB")
     print(f"{'method':>6} {'bits':>4} {'group':>6} | {'ppl ours':>9} {'ppl llmc':>9} {'ours-llmc':>9} | "
-          f"{'wall ours':>9} {'wall llmc':>9} {'ratio':>6} | {'cpu ours':>8} {'cpu llmc':>8} {'ratio':>6}")
+          f"{'wall ours':>9} {'wall llmc':>9} {'ratio':>6} | {'cpu ours':>8} {'cpu llmc':>8} {'ratio':>6} | {'peak ours':>9} {'peak llmc':>9}")
     for method, bits, g in configs:
         a, b = _find(ours, method, bits, g), _find(theirs, method, bits, g)
         if a is None or b is None:
             print(f"{method:>6} {bits:>4} {g:>6} | missing on {'our' if a is None else 'their'} side")
             continue
         print(f"{method:>6} {bits:>4} {g:>6} | {a['ppl']:9.3f} {b['ppl']:9.3f} {a['ppl'] - b['ppl']:+9.3f} | "
-              f"{a['quant_s']:9.1f} {b['quant_s']:9.1f} {a['quant_s'] / b['quant_s']:6.2f} | "
+              f"{a['quant_s']:9.2f} {b['quant_s']:9.2f} {a['quant_s'] / b['quant_s']:6.2f} | "
               f"{a.get('quant_cpu_s', float('nan')):8.1f} {b.get('quant_cpu_s', float('nan')):8.1f} "
-              f"{a.get('quant_cpu_s', float('nan')) / b.get('quant_cpu_s', float('nan')):6.2f}")
+              f"{a.get('quant_cpu_s', float('nan')) / b.get('quant_cpu_s', float('nan')):6.2f} | "
+              f"{_gib(a.get('peak_gib')):>9} {_gib(b.get('peak_gib')):>9}")
+
+
+def _gib(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def main() -> None:
@@ -230,6 +250,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model-cache", type=Path, default=common.DEFAULT_CACHE)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N], for both sides")
     ap.add_argument("--llmc-python", default="/tmp/llmc-venv/bin/python")
     ap.add_argument("--ours-python", default=sys.executable)
     ap.add_argument("--ours-json", type=Path, nargs="+",
@@ -239,9 +260,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.side:
-        result = side_ours(args) if args.side == "ours" else side_llmc(args)
-        if args.out:
-            args.out.write_text(json.dumps(result, indent=1))
+        _save(args, side_ours(args) if args.side == "ours" else side_llmc(args))
         return
     theirs = json.loads(args.llmc_json.read_text()) if args.llmc_json else _run_side(args.llmc_python, "llmc", args.workdir / "parity_llmc.json", args)
     ours = merge_sides([json.loads(p.read_text()) for p in args.ours_json]) if args.ours_json else _run_side(

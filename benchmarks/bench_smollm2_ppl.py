@@ -86,25 +86,31 @@ def recipe_args(method: str, bits: int, group_size: int) -> dict:
     return args
 
 
-def calibration_set(tok, n_samples: int, seq_len: int, batch: int, calib_file: str | Path | None = None) -> CalibrationSet:
+def calibration_set(tok, n_samples: int, seq_len: int, batch: int, calib_file: str | Path | None = None,
+                    device: str = "cpu") -> CalibrationSet:
     path = common.calib_path(calib_file)
-    return windows_calibration_set(common.calibration_windows(tok, n_samples, seq_len, path), seq_len, batch, path)
+    return windows_calibration_set(common.calibration_windows(tok, n_samples, seq_len, path), seq_len, batch, path, device)
 
 
-def windows_calibration_set(ws: list[torch.Tensor], seq_len: int, batch: int, path: Path) -> CalibrationSet:
-    """``ws`` (``(1, seq_len)`` windows of the text ``path``) as ``{"input_ids": ...}`` batches of ``batch`` windows."""
-    batches = [{"input_ids": torch.cat(ws[i : i + batch])} for i in range(0, len(ws), batch)]
+def windows_calibration_set(ws: list[torch.Tensor], seq_len: int, batch: int, path: Path, device: str = "cpu") -> CalibrationSet:
+    """``ws`` (``(1, seq_len)`` windows of the text ``path``) as ``{"input_ids": ...}`` batches of ``batch`` windows on ``device``."""
+    batches = [{"input_ids": torch.cat(ws[i : i + batch]).to(device)} for i in range(0, len(ws), batch)]
     return CalibrationSet(batches=batches, source=path.name, n_samples=len(ws), seed=0, max_seq_len=seq_len)
 
 
-def run_config(base, method: str, bits: int, group_size: int, calib: CalibrationSet | None, eval_ws) -> dict:
-    """Quantize a copy of ``base`` and measure its perplexity; ``method == "fp"`` skips quantization."""
-    model = copy.deepcopy(base)
+def run_config(base, method: str, bits: int, group_size: int, calib: CalibrationSet | None, eval_ws, device: str = "cpu") -> dict:
+    """Quantize a copy of ``base`` on ``device`` and measure its perplexity; ``method == "fp"`` skips quantization.
+
+    On CUDA the row also holds ``peak_gib``: the peak memory allocated during the
+    quantization call (the model's own 0.5 GiB included)."""
+    model = copy.deepcopy(base).to(device)
     row: dict = {"method": method, "bits": bits, "group_size": group_size}
     if method != "fp":
+        common.reset_peak(device)
         t0, c0 = time.perf_counter(), time.process_time()
         report = quantize_(model, recipe_from_args(recipe_args(method, bits, group_size)),
                            calibration=calib if base_method(method) in ("gptq", "awq") else None)
+        row["peak_gib"] = common.peak_gib(device)  # synchronizes CUDA before the clocks are read
         row["quant_s"], row["quant_cpu_s"] = time.perf_counter() - t0, time.process_time() - c0
         row["n_quantized"] = len(report.modules)
         layers = (report.calibration or {}).get("layers", {})
@@ -161,6 +167,7 @@ def main() -> None:
     ap.add_argument("--no-fp", action="store_true", help="skip the unquantized row")
     ap.add_argument("--json", type=Path, help="write the rows (and data hashes) here")
     ap.add_argument("--model-cache", type=Path, default=common.DEFAULT_CACHE)
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]: where the model is quantized and evaluated")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     methods = [m for m in args.methods.split(",") if m]
@@ -174,21 +181,22 @@ def main() -> None:
     calib_file = common.calib_path(args.calib_file)
     all_calib_ws = common.windows(common.token_ids(tok, common.calib_text(calib_file)), args.seq_len, keep_last=False)
     calib_ws = common.evenly_spaced(all_calib_ws, args.calib_samples)
-    calib = windows_calibration_set(calib_ws, args.seq_len, args.calib_batch, calib_file)
+    calib = windows_calibration_set(calib_ws, args.seq_len, args.calib_batch, calib_file, args.device)
     calib_available = len(all_calib_ws)
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "seq_len": args.seq_len,
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": common.device_name(args.device), "seq_len": args.seq_len,
             "eval_tokens": sum(w.shape[1] for w in eval_ws), "eval_windows": len(eval_ws), "eval_sha256": common.ids_sha256(eval_ws),
             "calib_file": calib_file.name, "calib_windows_available": calib_available,
             "calib_samples": len(calib_ws), "calib_sha256": common.ids_sha256(calib_ws), "load_s": time.perf_counter() - t0}
     print(f"SmolLM2-135M float32 | eval {meta['eval_tokens']} tokens in {meta['eval_windows']} windows of <= {args.seq_len} | "
           f"calibration {meta['calib_samples']} of {calib_available} windows x {args.seq_len} tokens of {calib_file.name} | threads {meta['threads']} | "
+          f"device {meta['device']} | "
           f"load {meta['load_s']:.0f}s", flush=True)
 
     rows = []
     for method, bits, g in configs(methods, [int(b) for b in args.bits.split(",")], [int(x) for x in args.group_sizes.split(",")]):
         if method == "fp" and args.no_fp:
             continue
-        row = run_config(base, method, bits, g, calib, eval_ws)
+        row = run_config(base, method, bits, g, calib, eval_ws, args.device)
         rows.append(row)
         print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
         if args.json:

@@ -143,10 +143,31 @@ def ids_sha256(ws: list[torch.Tensor]) -> str:
 def perplexity(model, ws: list[torch.Tensor]) -> dict[str, float]:
     """Perplexity of ``model`` over the windows ``ws``, each scored on its own."""
     nll, n = 0.0, 0
+    device = next(model.parameters()).device
     t0, c0 = time.perf_counter(), time.process_time()
     for w in ws:
+        w = w.to(device)
         logits = model(input_ids=w, use_cache=False).logits[0, :-1].float()
         nll += float(torch.nn.functional.cross_entropy(logits, w[0, 1:], reduction="sum"))
         n += w.shape[1] - 1
     return {"ppl": math.exp(nll / n), "nll": nll / n, "tokens": n, "eval_s": time.perf_counter() - t0,
             "eval_cpu_s": time.process_time() - c0}
+
+
+def reset_peak(device: str) -> None:
+    """Start a new peak-memory count on CUDA (nothing on the CPU)."""
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float | None:
+    """Peak CUDA memory allocated since :func:`reset_peak`, GiB (None on the CPU)."""
+    if not str(device).startswith("cuda"):
+        return None
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**30
+
+
+def device_name(device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if str(device).startswith("cuda") else "cpu"

@@ -70,7 +70,11 @@ def compute_qparams(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
     empty = (xmin == 0) & (xmax == 0)
     xmin = torch.where(empty, -torch.ones_like(xmin), xmin)
     xmax = torch.where(empty, torch.ones_like(xmax), xmax)
-    scale = (xmax - xmin) / maxq
+    # Divide by a tensor, not a Python number: on CUDA PyTorch turns division by
+    # a CPU scalar into multiplication by its reciprocal (one bit less exact),
+    # so scales, and with them symmetric grids' exact ties, would differ
+    # between CPU, CUDA and the GPTQ kernel (which divides exactly).
+    scale = (xmax - xmin) / torch.full_like(xmax, maxq)
     if sym:
         zero = torch.full_like(scale, (maxq + 1) / 2)
     else:

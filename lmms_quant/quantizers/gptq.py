@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from lmms_quant.quantizers import gptq_kernels as kernels
 from lmms_quant.quantizers.rtn import QuantizedTensor, compute_qparams, dequantize_codes, quantize_codes
 
 __all__ = [
@@ -56,6 +57,8 @@ logger = logging.getLogger(__name__)
 # ``percdamp`` is multiplied by this factor until it exceeds the cap.
 _DAMP_GROWTH = 10.0
 _MAX_PERCDAMP = 100.0
+
+KERNELS = ("auto", "torch", "triton")
 
 
 @dataclass
@@ -202,6 +205,24 @@ def _inverse_hessian_cholesky(H: torch.Tensor, percdamp: float) -> tuple[torch.T
         rel *= _DAMP_GROWTH
 
 
+def _use_kernel(kernel: str, WT: torch.Tensor, group_size: int, blocksize: int, static: bool) -> bool:
+    """Whether the blocks run in the Triton kernel (see ``gptq_quantize``'s ``kernel``)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
+    if kernel == "torch":
+        return False
+    fits = group_size <= 0 or static or blocksize % group_size == 0 or group_size % blocksize == 0
+    if kernel == "auto":
+        return fits and WT.is_cuda and kernels.triton_available(WT)
+    if not kernels.triton_available(WT):
+        raise ValueError("kernel='triton' needs Triton and a CUDA tensor (or TRITON_INTERPRET=1 on the CPU); "
+                         f"got a tensor on {WT.device}{'' if kernels.triton is not None else ' and no Triton'}; use kernel='torch' or 'auto'")
+    if not fits:
+        raise ValueError(f"kernel='triton' needs group_size dividing blocksize or a multiple of it (or static groups); "
+                         f"got group_size={group_size}, blocksize={blocksize}; use kernel='torch' or 'auto'")
+    return True
+
+
 def _check_args(W: torch.Tensor, H: torch.Tensor, group_size: int, blocksize: int, percdamp: float, static_groups: bool) -> None:
     if W.dim() != 2:
         raise ValueError(f"W must be 2-D (out, n_in), got shape {tuple(W.shape)}")
@@ -233,6 +254,7 @@ def gptq_quantize(
     percdamp: float = 0.01,
     actorder: bool = False,
     static_groups: bool = False,
+    kernel: str = "auto",
 ) -> GPTQResult:
     """Quantize ``W`` (``(out, n_in)``) with GPTQ given ``H = 2 X X^T / n`` (``(n_in, n_in)``).
 
@@ -254,6 +276,14 @@ def gptq_quantize(
     * Damping ``percdamp * mean(diag H)`` is added to ``diag(H)``; it is raised
       tenfold with a warning while the Cholesky factorisation fails (see
       ``_inverse_hessian_cholesky``).
+    * ``kernel``: how each lazy block's column loop runs.  ``"torch"``: a
+      PyTorch loop over the columns; ``"triton"``: the whole block in one
+      Triton kernel (:mod:`lmms_quant.quantizers.gptq_kernels`; CUDA, or the
+      CPU under ``TRITON_INTERPRET=1``), the same operations row by row;
+      ``"auto"`` (default): Triton on CUDA when it is importable and the groups
+      fit the blocks (per channel, per tensor, static groups, or ``group_size``
+      dividing or a multiple of ``blocksize``), else PyTorch.  If the kernel
+      fails to compile, ``"auto"`` warns and finishes in PyTorch.
 
     Raises ``ValueError`` for an all-zero ``H`` (a layer that saw no
     calibration data: the caller must leave it untouched) and for invalid
@@ -307,12 +337,53 @@ def gptq_quantize(
         # indexing (a device sync on GPU) inside the loop.
         static_group = ((perm if perm is not None else torch.arange(n_in, device=WT.device)) // group_size).tolist()
 
+    use_kernel = _use_kernel(kernel, WT, group_size, blocksize, static is not None)
+    if use_kernel:
+        n_out = WT.shape[1]
+        # cholesky_ex returns Hinv column-major; the kernel reads rows of a row-major
+        # copy, while the block-to-block GEMM below keeps using Hinv itself, so that
+        # both paths propagate errors with the same GEMM (same summation order).
+        Hinv_rows = Hinv.contiguous()
+        if static is not None:
+            table_s = torch.stack([sc for sc, _ in static_flat])
+            table_z = torch.stack([zp for _, zp in static_flat])
+            static_gidx = torch.tensor(static_group, dtype=torch.int32, device=WT.device)
+        elif group_size > 0:  # dynamic groups: the kernel, or the loop below at a group's start, fills these
+            table_s = torch.empty(n_in // group_size, n_out, dtype=torch.float32, device=WT.device)
+            table_z = torch.empty_like(table_s)
+
     for i1 in range(0, n_in, blocksize):
         i2 = min(i1 + blocksize, n_in)
         W1 = WT[i1:i2].clone()
         Err1 = torch.empty_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
+        if use_kernel:
+            Hinv1 = Hinv_rows[i1:i2, i1:i2]
+            try:
+                if static is not None:
+                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_STATIC,
+                                       gidx=static_gidx[i1:i2], group_scale=table_s, group_zero=table_z)
+                elif group_size > 0 and blocksize % group_size:  # groups of whole blocks: parameters at a group's first block
+                    if i1 % group_size == 0:
+                        scale, zero = compute_qparams(WT[i1 : i1 + group_size].T, bits, sym)
+                        table_s[i1 // group_size], table_z[i1 // group_size] = scale.view(-1), zero.view(-1)
+                        s, z = scale.view(-1), zero.view(-1)
+                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_FIXED, scale=s, zero=z)
+                elif group_size > 0:  # groups inside the block: parameters from the current columns, in the kernel
+                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_DYNAMIC,
+                                       group_scale=table_s, group_zero=table_z, group_size=group_size, group_base=i1 // group_size)
+                else:
+                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_FIXED, scale=s, zero=z)
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build on this GPU: finish in PyTorch
+                if kernel == "triton" or isinstance(exc, ValueError):
+                    raise
+                logger.warning("GPTQ: the Triton block kernel failed (%s: %s); continuing with the PyTorch loop", type(exc).__name__, exc)
+                use_kernel = False
+                if group_size > 0 and static is None:  # groups begun by the kernel path keep their parameters
+                    dynamic_params = [(table_s[g].view(-1, 1), table_z[g].view(-1, 1)) for g in range(-(-i1 // group_size))]
+                    if i1 % group_size:
+                        s, z = table_s[i1 // group_size], table_z[i1 // group_size]
+        for i in range(0 if not use_kernel else i2 - i1, i2 - i1):
             col = i1 + i
             if static is not None:
                 s, z = static_flat[static_group[col]]
@@ -350,7 +421,9 @@ def gptq_quantize(
         if group_size > 0 and static is None:
             g_idx = (torch.arange(n_in, device=WT.device) // group_size)[invperm]
 
-    if group_size > 0:
+    if group_size > 0 and use_kernel and static is None:
+        scale, zero = table_s.T.contiguous(), table_z.T.contiguous()
+    elif group_size > 0:
         params = static if static is not None else dynamic_params
         scale = torch.cat([s for s, _ in params], dim=1)
         zero = torch.cat([z for _, z in params], dim=1)

@@ -2,17 +2,21 @@
 
     python benchmarks/bench_gptq_speed.py --device cuda            # H100: 128 x 2048 calibration tokens
     python benchmarks/bench_gptq_speed.py --device cpu --tokens 8192
+    python benchmarks/bench_gptq_speed.py --device cuda --kernels auto,torch --llmcompressor   # Triton kernel and PyTorch loop
 
 Random weights (out x in) and a Hessian 2 X^T X / n from random correlated
 activations (``tokens`` rows, accumulated in chunks).  Times only the
 quantization call (Hessian building excluded), after one warm-up, and prints
 each time and the ratio ours / theirs when llm-compressor is importable
-(``--llmcompressor``; it is an optional, separate environment).
+(``--llmcompressor``; it is an optional, separate environment).  ``--kernels``
+picks ``gptq_quantize``'s block loop: ``auto`` (the Triton kernel on CUDA, the
+PyTorch loop on the CPU), ``torch`` or ``triton``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from pathlib import Path
@@ -83,6 +87,10 @@ def llmcompressor_fn(W: torch.Tensor, H: torch.Tensor, bits: int, blocksize: int
     return run, out
 
 
+def _ours(res: dict, W, H, bits: int, blocksize: int, kernel: str) -> None:
+    res["q"] = gptq_quantize(W, H, bits, -1, True, blocksize=blocksize, kernel=kernel)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -91,6 +99,8 @@ def main() -> None:
     ap.add_argument("--blocksize", type=int, default=128)
     ap.add_argument("--shapes", default="4096x4096,4096x11008", help=f"comma-separated, of {', '.join(SHAPES)} (256x512: a smoke test)")
     ap.add_argument("--llmcompressor", action="store_true", help="also time llm-compressor's quantize_weight")
+    ap.add_argument("--kernels", default="auto",
+                    help="comma-separated gptq_quantize kernels to time: auto (Triton on CUDA), torch, triton; e.g. auto,torch")
     ap.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     args = ap.parse_args()
     if args.threads:
@@ -105,22 +115,23 @@ def main() -> None:
         H = hessian(in_f, args.tokens, args.device)
         sync(args.device)
         h_s = time.perf_counter() - t0
-        res = {}
-
-        def ours():
-            res["q"] = gptq_quantize(W, H, args.bits, -1, True, blocksize=args.blocksize)
-
-        t_ours, c_ours = time_call(ours, args.device)
-        err = reconstruction_error(W, res["q"].weight, H)
         err_rtn = reconstruction_error(W, fake_quantize(W, args.bits, -1, True), H)
-        line = f"{name}: hessian {h_s:.2f}s | ours {t_ours:.3f}s (cpu {c_ours:.3f}s), error/RTN {err / err_rtn:.3f}"
+        line = f"{name}: hessian {h_s:.2f}s"
+        times = {}
+        for kernel in args.kernels.split(","):
+            res: dict = {}
+            t_ours, c_ours = time_call(functools.partial(_ours, res, W, H, args.bits, args.blocksize, kernel), args.device)
+            times[kernel] = (t_ours, c_ours)
+            err = reconstruction_error(W, res["q"].weight, H)
+            line += f" | ours ({kernel}) {t_ours:.3f}s (cpu {c_ours:.3f}s), error/RTN {err / err_rtn:.3f}"
         if args.llmcompressor:
             try:
                 theirs, out = llmcompressor_fn(W, H, args.bits, args.blocksize, 0.01)
                 t_theirs, c_theirs = time_call(theirs, args.device)
                 err_theirs = reconstruction_error(W, out["q"], H)
-                line += (f" | llm-compressor {t_theirs:.3f}s (cpu {c_theirs:.3f}s), error/RTN {err_theirs / err_rtn:.3f}"
-                         f" | ratio ours/theirs wall {t_ours / t_theirs:.2f}, cpu {c_ours / c_theirs:.2f}")
+                line += f" | llm-compressor {t_theirs:.3f}s (cpu {c_theirs:.3f}s), error/RTN {err_theirs / err_rtn:.3f}"
+                for kernel, (t_ours, c_ours) in times.items():
+                    line += f" | ratio ours ({kernel}) / theirs: wall {t_ours / t_theirs:.2f}, cpu {c_ours / c_theirs:.2f}"
             except ImportError as exc:
                 line += f" | llm-compressor not importable ({exc})"
         print(line, flush=True)

@@ -333,9 +333,10 @@ def gptq_quantize(
     dynamic_params: list[tuple[torch.Tensor, torch.Tensor]] = []
     if static is not None:
         static_flat = [(sc.view(-1), zp.view(-1)) for sc, zp in static]
+        static_gidx = (perm if perm is not None else torch.arange(n_in, device=WT.device)) // group_size
         # The static group of each (permuted) column as a Python int: no tensor
         # indexing (a device sync on GPU) inside the loop.
-        static_group = ((perm if perm is not None else torch.arange(n_in, device=WT.device)) // group_size).tolist()
+        static_group = static_gidx.tolist()
 
     use_kernel = _use_kernel(kernel, WT, group_size, blocksize, static is not None)
     if use_kernel:
@@ -347,7 +348,7 @@ def gptq_quantize(
         if static is not None:
             table_s = torch.stack([sc for sc, _ in static_flat])
             table_z = torch.stack([zp for _, zp in static_flat])
-            static_gidx = torch.tensor(static_group, dtype=torch.int32, device=WT.device)
+            static_gidx = static_gidx.to(torch.int32)
         elif group_size > 0:  # dynamic groups: the kernel, or the loop below at a group's start, fills these
             table_s = torch.empty(n_in // group_size, n_out, dtype=torch.float32, device=WT.device)
             table_z = torch.empty_like(table_s)
@@ -356,24 +357,21 @@ def gptq_quantize(
         i2 = min(i1 + blocksize, n_in)
         W1 = WT[i1:i2].clone()
         Err1 = torch.empty_like(W1)
-        Hinv1 = Hinv[i1:i2, i1:i2]
+        Hinv1 = (Hinv_rows if use_kernel else Hinv)[i1:i2, i1:i2]
         if use_kernel:
-            Hinv1 = Hinv_rows[i1:i2, i1:i2]
+            if static is not None:
+                mode, params = kernels.MODE_STATIC, {"gidx": static_gidx[i1:i2], "group_scale": table_s, "group_zero": table_z}
+            elif group_size > 0 and blocksize % group_size == 0:  # groups inside the block: parameters from the current columns
+                mode, params = kernels.MODE_DYNAMIC, {"group_scale": table_s, "group_zero": table_z, "group_size": group_size,
+                                                      "group_base": i1 // group_size}
+            else:  # per channel, per tensor, or groups of whole blocks (parameters at a group's first block)
+                if group_size > 0 and i1 % group_size == 0:
+                    scale, zero = compute_qparams(WT[i1 : i1 + group_size].T, bits, sym)
+                    s, z = scale.view(-1), zero.view(-1)
+                    table_s[i1 // group_size], table_z[i1 // group_size] = s, z
+                mode, params = kernels.MODE_FIXED, {"scale": s, "zero": z}
             try:
-                if static is not None:
-                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_STATIC,
-                                       gidx=static_gidx[i1:i2], group_scale=table_s, group_zero=table_z)
-                elif group_size > 0 and blocksize % group_size:  # groups of whole blocks: parameters at a group's first block
-                    if i1 % group_size == 0:
-                        scale, zero = compute_qparams(WT[i1 : i1 + group_size].T, bits, sym)
-                        table_s[i1 // group_size], table_z[i1 // group_size] = scale.view(-1), zero.view(-1)
-                        s, z = scale.view(-1), zero.view(-1)
-                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_FIXED, scale=s, zero=z)
-                elif group_size > 0:  # groups inside the block: parameters from the current columns, in the kernel
-                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_DYNAMIC,
-                                       group_scale=table_s, group_zero=table_z, group_size=group_size, group_base=i1 // group_size)
-                else:
-                    kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, kernels.MODE_FIXED, scale=s, zero=z)
+                kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, mode, **params)
             except Exception as exc:  # noqa: BLE001 - a kernel that does not build on this GPU: finish in PyTorch
                 if kernel == "triton" or isinstance(exc, ValueError):
                     raise
@@ -383,7 +381,7 @@ def gptq_quantize(
                     dynamic_params = [(table_s[g].view(-1, 1), table_z[g].view(-1, 1)) for g in range(-(-i1 // group_size))]
                     if i1 % group_size:
                         s, z = table_s[i1 // group_size], table_z[i1 // group_size]
-        for i in range(0 if not use_kernel else i2 - i1, i2 - i1):
+        for i in range(0) if use_kernel else range(i2 - i1):  # the PyTorch loop, unless the kernel did the block
             col = i1 + i
             if static is not None:
                 s, z = static_flat[static_group[col]]

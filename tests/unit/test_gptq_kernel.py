@@ -120,6 +120,53 @@ def test_gptq_quantize_triton_matches_torch_for_every_grouping():
     assert "all agree" in proc.stdout
 
 
+_FALLBACK_SCRIPT = r'''
+import logging
+import torch
+from lmms_quant.quantizers import gptq, gptq_kernels
+
+real = gptq_kernels.gptq_block
+calls = {"n": 0}
+def flaky(*args, **kwargs):  # the kernel works for two blocks, then "fails to build"
+    calls["n"] += 1
+    if calls["n"] > 2:
+        raise RuntimeError("simulated compile failure")
+    return real(*args, **kwargs)
+gptq_kernels.gptq_block = flaky
+gptq._use_kernel = lambda kernel, *a: kernel == "auto"  # "auto" takes the kernel on the CPU here
+warnings = []
+logging.getLogger("lmms_quant.quantizers.gptq").addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: warnings.append(r.getMessage())})())
+torch.manual_seed(0)
+W = torch.randn(24, 128)
+X = torch.randn(512, 128) @ (torch.randn(128, 128) / 11)
+H = 2 * X.T @ X / 512
+failures = []
+for g, act, static in ((-1, False, False), (16, False, False), (64, False, False), (16, True, True)):
+    calls["n"], warnings[:] = 0, []
+    a = gptq.gptq_quantize(W, H, 3, g, False, blocksize=32, actorder=act, static_groups=static, kernel="auto")
+    b = gptq.gptq_quantize(W, H, 3, g, False, blocksize=32, actorder=act, static_groups=static, kernel="torch")
+    same = (a.quantized.codes == b.quantized.codes).float().mean().item()
+    rel = abs(a.error - b.error) / b.error
+    if calls["n"] != 3 or not any("continuing with the PyTorch loop" in w for w in warnings):
+        failures.append(f"g={g}: kernel calls {calls['n']}, warnings {warnings}")
+    if a.quantized.scale.shape != b.quantized.scale.shape or same < 0.98 or rel > 1e-3:
+        failures.append(f"g={g}: codes equal {same:.4f}, error rel {rel:.2e}, scale {tuple(a.quantized.scale.shape)} vs {tuple(b.quantized.scale.shape)}")
+    if not torch.allclose(a.dequantize(), a.weight, atol=1e-6):
+        failures.append(f"g={g}: codes, scales and zeros do not reproduce the weight")
+print("FAILURES", failures)
+raise SystemExit(1 if failures else 0)
+'''
+
+
+@needs_triton
+def test_a_kernel_that_fails_mid_run_hands_over_to_the_torch_loop():
+    """Blocks 1-2 in the kernel, the rest in PyTorch (groups begun by the kernel keep their parameters,
+    including a group of 64 that spans the switch): the same result as the PyTorch loop, with a warning."""
+    proc = _interpreted(["-c", _FALLBACK_SCRIPT])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAILURES []" in proc.stdout
+
+
 def test_kernel_choice_errors_name_the_valid_choices():
     W, H = torch.randn(8, 16), torch.eye(16)
     with pytest.raises(ValueError, match="auto, torch, triton"):

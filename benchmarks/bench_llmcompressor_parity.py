@@ -33,11 +33,12 @@ hashes are compared).  Settings, per ``--configs`` entry ``method:bits:group``
 * AWQ: asymmetric, activation-only scales ``mean|x| ** ratio`` (llm-compressor:
   ``duo_scaling=False``; its default ``True`` also divides by a weight
   statistic, which the paper does not), grid 20, then RTN via
-  ``QuantizationModifier``.  Known differences that remain: llm-compressor
-  measures the scale loss on the parent module's output (attention, MLP) as
-  llm-awq does, lmms-quant on the outputs of the scaled linears; lmms-quant
-  also runs AWQ's clip search (llm-awq ``auto_clip``), llm-compressor has none;
-  their grids are ``i / (n-1)`` and ``i / n``.
+  ``QuantizationModifier``.  Both score a scale on the parent module's output
+  (attention, MLP) as llm-awq does (lmms-quant before 2026-11-27: on the scaled
+  linears' outputs).  Known differences that remain: lmms-quant also runs AWQ's
+  clip search (llm-awq ``auto_clip``), llm-compressor has none; their grids are
+  ``i / (n-1)`` and ``i / n``; with grouped-query attention llm-compressor skips
+  the v_proj -> o_proj scale, lmms-quant applies it by input scaling.
 
 llm-compressor's quantization lives in its forward (``.weight`` holds the
 unquantized AWQ-scaled values; GPTQ writes the rounded weight but forward

@@ -157,37 +157,44 @@ class AWQMapping:
     input explicitly (an ``awq_input_scale`` buffer and a forward pre-hook).
     Names that a given block lacks are ignored (T5 encoder vs decoder blocks,
     Q-Former layers with and without cross-attention).
+
+    ``inspect``: the block-relative name of the module whose output scores a
+    candidate scale (llm-awq's ``module2inspect``: the attention for q/k/v, the
+    MLP for its first linears; ``""`` is the block itself), or ``None``: the
+    linears' own outputs (exact and cheaper, and the same thing when the linear
+    is alone in what follows, as o_proj or down_proj).
     """
 
     prev: str | None
     linears: tuple[str, ...]
+    inspect: str | None = None
 
 
-def _m(prev, *linears):
-    return AWQMapping(prev, tuple(linears))
+def _m(prev, *linears, inspect=None):
+    return AWQMapping(prev, tuple(linears), inspect)
 
 
 _CLIP_LIKE = (
-    _m("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    _m("layer_norm1", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", inspect="self_attn"),
     _m("self_attn.v_proj", "self_attn.out_proj"),
-    _m("layer_norm2", "mlp.fc1"),
+    _m("layer_norm2", "mlp.fc1", inspect="mlp"),
     _m(None, "mlp.fc2"),  # after GELU: never folded
 )
 _LLAMA_LIKE = (
-    _m("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    _m("input_layernorm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", inspect="self_attn"),
     _m("self_attn.v_proj", "self_attn.o_proj"),  # falls back to input scaling when GQA makes the shapes differ
-    _m("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj"),
+    _m("post_attention_layernorm", "mlp.gate_proj", "mlp.up_proj", inspect="mlp"),
     _m("mlp.up_proj", "mlp.down_proj"),  # down_proj sees act(gate) * up: linear in up_proj's output
 )
 _T5 = (
-    _m("layer.0.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v"),
+    _m("layer.0.layer_norm", "layer.0.SelfAttention.q", "layer.0.SelfAttention.k", "layer.0.SelfAttention.v", inspect="layer.0.SelfAttention"),
     _m("layer.0.SelfAttention.v", "layer.0.SelfAttention.o"),
     _m("layer.1.layer_norm", "layer.1.EncDecAttention.q"),
     _m(None, "layer.1.EncDecAttention.k", "layer.1.EncDecAttention.v"),
     _m("layer.1.EncDecAttention.v", "layer.1.EncDecAttention.o"),
-    _m("layer.1.layer_norm", "layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1"),
+    _m("layer.1.layer_norm", "layer.1.DenseReluDense.wi", "layer.1.DenseReluDense.wi_0", "layer.1.DenseReluDense.wi_1", inspect="layer.1.DenseReluDense"),
     _m(None, "layer.1.DenseReluDense.wo"),
-    _m("layer.2.layer_norm", "layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wi_0", "layer.2.DenseReluDense.wi_1"),
+    _m("layer.2.layer_norm", "layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wi_0", "layer.2.DenseReluDense.wi_1", inspect="layer.2.DenseReluDense"),
     _m(None, "layer.2.DenseReluDense.wo"),
 )
 
@@ -198,9 +205,9 @@ AWQ_MAPPINGS: dict[str, tuple[AWQMapping, ...]] = {
     "Idefics3EncoderLayer": _CLIP_LIKE,
     "SmolVLMEncoderLayer": _CLIP_LIKE,
     "Blip2EncoderLayer": (
-        _m("layer_norm1", "self_attn.qkv"),
+        _m("layer_norm1", "self_attn.qkv", inspect="self_attn"),
         _m(None, "self_attn.projection"),
-        _m("layer_norm2", "mlp.fc1"),
+        _m("layer_norm2", "mlp.fc1", inspect="mlp"),
         _m(None, "mlp.fc2"),
     ),
     "LlamaDecoderLayer": _LLAMA_LIKE,
@@ -209,9 +216,9 @@ AWQ_MAPPINGS: dict[str, tuple[AWQMapping, ...]] = {
     "Qwen2_5_VLDecoderLayer": _LLAMA_LIKE,
     "MistralDecoderLayer": _LLAMA_LIKE,
     "OPTDecoderLayer": (
-        _m("self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        _m("self_attn_layer_norm", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", inspect="self_attn"),
         _m("self_attn.v_proj", "self_attn.out_proj"),
-        _m("final_layer_norm", "fc1"),
+        _m("final_layer_norm", "fc1"),  # fc1 and fc2 sit in the block itself: fc1 is scored alone, as llm-awq does
         _m(None, "fc2"),
     ),
     "T5Block": _T5,
@@ -227,26 +234,26 @@ AWQ_MAPPINGS: dict[str, tuple[AWQMapping, ...]] = {
         _m(None, "output.dense"),
     ),
     "Qwen2VLVisionBlock": (
-        _m("norm1", "attn.qkv"),
+        _m("norm1", "attn.qkv", inspect="attn"),
         _m(None, "attn.proj"),
-        _m("norm2", "mlp.fc1"),
+        _m("norm2", "mlp.fc1", inspect="mlp"),
         _m(None, "mlp.fc2"),
     ),
     "Qwen2_5_VLVisionBlock": (
-        _m("norm1", "attn.qkv"),
+        _m("norm1", "attn.qkv", inspect="attn"),
         _m(None, "attn.proj"),
-        _m("norm2", "mlp.gate_proj", "mlp.up_proj"),
+        _m("norm2", "mlp.gate_proj", "mlp.up_proj", inspect="mlp"),
         _m("mlp.up_proj", "mlp.down_proj"),
     ),
-    "LlavaMultiModalProjector": (_m(None, "linear_1"), _m(None, "linear_2")),
-    "LlavaNextMultiModalProjector": (_m(None, "linear_1"), _m(None, "linear_2")),
-    "LlavaOnevisionMultiModalProjector": (_m(None, "linear_1"), _m(None, "linear_2")),
-    "Qwen2VLPatchMerger": (_m(None, "mlp.0"), _m(None, "mlp.2")),
-    "PatchMerger": (_m(None, "mlp.0"), _m(None, "mlp.2")),
-    "Qwen2_5_VLPatchMerger": (_m(None, "mlp.0"), _m(None, "mlp.2")),
+    "LlavaMultiModalProjector": (_m(None, "linear_1", inspect=""), _m(None, "linear_2")),
+    "LlavaNextMultiModalProjector": (_m(None, "linear_1", inspect=""), _m(None, "linear_2")),
+    "LlavaOnevisionMultiModalProjector": (_m(None, "linear_1", inspect=""), _m(None, "linear_2")),
+    "Qwen2VLPatchMerger": (_m(None, "mlp.0", inspect="mlp"), _m(None, "mlp.2")),
+    "PatchMerger": (_m(None, "mlp.0", inspect="mlp"), _m(None, "mlp.2")),
+    "Qwen2_5_VLPatchMerger": (_m(None, "mlp.0", inspect="mlp"), _m(None, "mlp.2")),
     "Idefics3Connector": (_m(None, "modality_projection.proj"),),
     "SmolVLMConnector": (_m(None, "modality_projection.proj"),),
-    "SiglipMultiheadAttentionPoolingHead": (_m(None, "attention.out_proj"), _m("layernorm", "mlp.fc1"), _m(None, "mlp.fc2")),
+    "SiglipMultiheadAttentionPoolingHead": (_m(None, "attention.out_proj"), _m("layernorm", "mlp.fc1", inspect="mlp"), _m(None, "mlp.fc2")),
     # a block that is a single Linear (CLIP's projections, SigLIP's text head)
     "Linear": (_m(None, ""),),
 }

@@ -30,7 +30,7 @@ __all__ = ["default_cache_dir", "cache_key", "code_version", "load_entry", "save
 
 log = logging.getLogger(__name__)
 
-_CODE_FILES = ("quantizers/rtn.py", "quantizers/gptq.py", "quantizers/awq.py", "calibration.py", "architectures.py", "apply.py")
+_CODE_FILES = ("quantizers/rtn.py", "quantizers/gptq.py", "quantizers/gptq_kernels.py", "quantizers/awq.py", "calibration.py", "architectures.py", "apply.py")
 
 
 def default_cache_dir() -> Path:

@@ -290,8 +290,11 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
     missing = sorted(set(wanted) - covered)
     if missing:
         raise ValueError(f"AWQ mapping for {cls} does not cover {missing}; extend AWQ_MAPPINGS in lmms_quant/architectures.py")
-    # 1. record the (shared) input of every group on the full-precision block
+    # 1. record the (shared) input of every group on the full-precision block, and the
+    #    inputs and outputs of the modules that score a group's scale (mapping.inspect)
     xs: dict[str, list[torch.Tensor]] = {}
+    inspected = {m.inspect: _inspect_module(block, bpath, m, names) for m, names in groups if m.inspect is not None}
+    seen: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {name: [] for name in inspected}
     with _hooks() as handles:
         for _, names in groups:
             lin = _linear(block, names[0])
@@ -300,8 +303,14 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
                 xs.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
             handles.append(lin.register_forward_hook(hook))
+        for name, module in inspected.items():
+
+            def record(module, args, kwargs, out, key=name):
+                seen[key].append((args, _without_kv_cache(kwargs), (out[0] if isinstance(out, (tuple, list)) else out).detach()))
+
+            handles.append(module.register_forward_hook(record, with_kwargs=True))
         _run_block(block, inputs)
-    # 2. search every group's scale on those inputs, then fold or attach it
+    # 2. search every group's scale on the full-precision block, then fold or attach them all
     changed = info["changed_tensors"]
     plans = []
     for mapping, names in groups:
@@ -318,7 +327,13 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
             raise ValueError(f"AWQ: {names} in {bpath} share one input and so one scale, but the recipe gives them different specs {sorted(specs)}")
         bits, gsize, sym = specs.pop()
         lins = [_linear(block, n) for n in names]
-        res = awq_q.search_scales(x, [lin.weight.data for lin in lins], bits, gsize, sym, n_grid=grid)
+        output_loss = None
+        if mapping.inspect is not None:
+            output_loss = module_output_loss(inspected[mapping.inspect], lins, seen[mapping.inspect])
+        res = awq_q.search_scales(x, [lin.weight.data for lin in lins], bits, gsize, sym, n_grid=grid, output_loss=output_loss)
+        plans.append((mapping, names, lins, res, x, bits, gsize, sym))
+    seen.clear()
+    for i, (mapping, names, lins, res, x, bits, gsize, sym) in enumerate(plans):
         s = res.scales.to(lins[0].weight.device)
         prev = block.get_submodule(mapping.prev) if mapping.prev else None
         if isinstance(prev, nn.Linear) and prev.out_features != s.numel():
@@ -340,9 +355,10 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
             if b is not None:
                 prev.bias.data.copy_(b)
                 changed.append(_full(bpath, mapping.prev, "bias"))
-        plans.append((names, lins, s, x, bits, gsize, sym, res, mapping.prev if prev is not None else "input scaling"))
+        scored_on = "linear outputs" if mapping.inspect is None else (mapping.inspect or "block") + " output"
+        plans[i] = (names, lins, s, x, bits, gsize, sym, res, mapping.prev if prev is not None else "input scaling", scored_on)
     # 3. clip search and quantization of the scaled weights
-    for names, lins, s, x, bits, gsize, sym, res, folded in plans:
+    for names, lins, s, x, bits, gsize, sym, res, folded, scored_on in plans:
         xs_scaled = x / s.to(x.dtype)
         for n, lin in zip(names, lins):
             Ws = lin.weight.data.float() * s
@@ -352,11 +368,50 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
             full = _full(bpath, n, "")
             info["qparams"][full] = qparams_of(qt)
             info["layers"][full] = {"method": "awq", "ratio": res.best_ratio, "loss": res.best_loss, "scale_applied_by": folded,
-                                    "clipped": max_val is not None}
+                                    "scale_scored_on": scored_on, "clipped": max_val is not None}
             changed.append(_full(bpath, n, "weight"))
         for n, lin in zip(names, lins):
             if hasattr(lin, INPUT_SCALE_BUFFER):
                 changed.append(_full(bpath, n, INPUT_SCALE_BUFFER))
+
+
+def _inspect_module(block: nn.Module, bpath: str, mapping: AWQMapping, names: list[str]) -> nn.Module:
+    """The module named by ``mapping.inspect`` (``""``: the block); it must hold every linear of the group."""
+    try:
+        module = block.get_submodule(mapping.inspect)
+    except AttributeError:
+        raise ValueError(f"AWQ mapping of {type(block).__name__} ({bpath}) scores {names} on {mapping.inspect!r}, which the block lacks;"
+                         " fix `inspect` in AWQ_MAPPINGS (lmms_quant/architectures.py)") from None
+    outside = [n for n in names if mapping.inspect and not n.startswith(mapping.inspect + ".")]
+    if outside:
+        raise ValueError(f"AWQ mapping of {type(block).__name__} ({bpath}): {outside} are not inside the inspected module {mapping.inspect!r},"
+                         " so their rounding would not change its output; fix `inspect` in AWQ_MAPPINGS (lmms_quant/architectures.py)")
+    return module
+
+
+def module_output_loss(module: nn.Module, linears: Sequence[nn.Linear], seen: Sequence[tuple[tuple, dict, torch.Tensor]]) -> awq_q.OutputLoss:
+    """AWQ's ``output_loss`` for ``linears`` inside ``module``: the mean squared error of the
+    module's output on its recorded calls ``seen`` (``(args, kwargs, full-precision output)``)
+    when the linears' weights are the given ones; the weights are restored afterwards."""
+
+    @torch.no_grad()
+    def loss(weights: list[torch.Tensor]) -> float:
+        originals = [lin.weight.data for lin in linears]
+        sse, n = 0.0, 0
+        try:
+            for lin, w in zip(linears, weights, strict=True):
+                lin.weight.data = w.to(lin.weight.device, lin.weight.dtype)
+            for args, kwargs, ref in seen:
+                out = module(*args, **kwargs)
+                out = out[0] if isinstance(out, (tuple, list)) else out
+                sse += float((out.float() - ref.float()).pow(2).sum())
+                n += ref.numel()
+        finally:
+            for lin, w in zip(linears, originals):
+                lin.weight.data = w
+        return sse / max(n, 1)
+
+    return loss
 
 
 def qparams_of(qt, g_idx: torch.Tensor | None = None) -> dict[str, Any]:

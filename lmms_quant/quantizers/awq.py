@@ -35,12 +35,21 @@ squared error of a weight change ``D`` over the tokens is
 ``trace(D X^T X D^T)``, exactly (memory: ``n_in^2`` floats, like GPTQ's Hessian).
 Biases cancel in ``Q(..) x + b - (W x + b)``, so the searches take none, and
 :func:`awq_quantize` needs no activations.
+
+The published reference scores a scale on the output of the module the linears
+sit in (llm-awq's ``module2inspect``: the attention for q/k/v, the MLP for its
+first linears), so that the error is weighed by what the rest of that module
+does with it.  The searches take that objective as ``output_loss``: a callable
+that receives the equivalent weights ``Q(W diag(s)) diag(s)^-1`` of the linears
+and returns the module's mean squared output error; running the module is the
+caller's business (:mod:`lmms_quant.calibration`).  Without it, the objective
+is the linears' own outputs, through the Gram matrix.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +58,7 @@ from lmms_quant.quantizers.rtn import QuantizedTensor, fake_quantize, rtn_quanti
 
 __all__ = [
     "AWQScaleResult",
+    "OutputLoss",
     "activation_scale",
     "apply_clip",
     "awq_quantize",
@@ -137,6 +147,20 @@ def _scaled_quant_loss(
     return sse / (n_tokens * n_out)
 
 
+#: ``output_loss(equivalent_weights) -> mean squared error of the enclosing module's output``.
+OutputLoss = Callable[[list[torch.Tensor]], float]
+
+
+def _objective(
+    x: torch.Tensor, weights: Sequence[torch.Tensor], bits: int, group_size: int, sym: bool, output_loss: OutputLoss | None
+) -> Callable[[torch.Tensor], float]:
+    """The loss of a scale vector ``s``: on the linears' outputs (Gram matrix) or through ``output_loss``."""
+    if output_loss is None:
+        G = _gram(x)
+        return lambda s: _scaled_quant_loss(weights, G, x.shape[0], s, bits, group_size, sym)
+    return lambda s: output_loss([fake_quantize(W.float() * s, bits, group_size, sym) / s for W in weights])
+
+
 @torch.no_grad()
 def search_scales(
     x: torch.Tensor,
@@ -145,6 +169,7 @@ def search_scales(
     group_size: int = 128,
     sym: bool = False,
     n_grid: int = 20,
+    output_loss: OutputLoss | None = None,
 ) -> AWQScaleResult:
     """The published AWQ scale search for linears that share the input ``x``.
 
@@ -155,20 +180,22 @@ def search_scales(
     of ``Q(W diag(s)) diag(s)^-1 X`` against ``W X`` summed over the linears.
     The first minimum wins, so ``ratio = 0`` (``s = 1``, plain RTN) is kept
     unless another ratio is strictly better: the chosen loss is never above RTN's.
+    ``output_loss`` (see the module docstring) replaces that objective by the
+    error of the enclosing module's output.
     """
     if n_grid < 1:
         raise ValueError(f"n_grid must be >= 1, got {n_grid}")
     x = _tokens(x)
     _check_weights(weights, x.shape[1])
     s_x = activation_scale(x)
-    G = _gram(x)
+    score = _objective(x, weights, bits, group_size, sym, output_loss)
     losses: list[float] = []
     best = (float("inf"), 0.0, torch.ones_like(s_x))
     for i in range(n_grid):
         ratio = i / n_grid
         s = s_x.pow(ratio).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        loss = _scaled_quant_loss(weights, G, x.shape[0], s, bits, group_size, sym)
+        loss = score(s)
         losses.append(loss)
         if loss < best[0]:
             best = (loss, ratio, s)
@@ -183,6 +210,7 @@ def search_scales_study_variant(
     group_size: int = 128,
     sym: bool = False,
     n_grid: int = 20,
+    output_loss: OutputLoss | None = None,
 ) -> AWQScaleResult:
     """The reference study's scale search (gautomdas/mmq ``awq/quantizer.py``). NOT the published AWQ.
 
@@ -191,16 +219,15 @@ def search_scales_study_variant(
     exponent (``s = clamp(s_x ** ratio, min=1e-4)``, so ``s_x ** 19`` at the end of
     the grid), non-finite scales are set to 1, a grid point whose scaled weight
     overflows (in the weights' dtype) is skipped (loss ``inf``), and there is no
-    normalisation.  The objective here is the same as :func:`search_scales`
-    (linear outputs); the study measured the parent module's output, with the
-    same minimiser when that module is the linear itself.
+    normalisation.  The objective is the same as :func:`search_scales`'s
+    (``output_loss``: the enclosing module's output, as the study measured it).
     """
     if n_grid < 1:
         raise ValueError(f"n_grid must be >= 1, got {n_grid}")
     x = _tokens(x)
     _check_weights(weights, x.shape[1])
     s_x = activation_scale(x)
-    G = _gram(x)
+    score = _objective(x, weights, bits, group_size, sym, output_loss)
     losses: list[float] = []
     best = (float("inf"), 0.0, torch.ones_like(s_x))
     for ratio in range(n_grid):
@@ -209,7 +236,7 @@ def search_scales_study_variant(
         if not all(bool(torch.isfinite(W * s.to(W.dtype)).all()) for W in weights):
             losses.append(float("inf"))
             continue
-        loss = _scaled_quant_loss(weights, G, x.shape[0], s, bits, group_size, sym)
+        loss = score(s)
         if math.isnan(loss):  # inf / inf
             loss = float("inf")
         losses.append(loss)

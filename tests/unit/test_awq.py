@@ -74,6 +74,39 @@ def test_search_scales_losses_are_output_mse(toy):
     assert res.best_loss == res.loss_per_ratio[round(res.best_ratio * 10)]
 
 
+def test_output_loss_on_the_linear_itself_is_the_gram_objective(toy):
+    """``output_loss`` gets the equivalent weights Q(W diag(s)) / s; scoring them on the
+    linear's own output reproduces the Gram-matrix search point for point."""
+    W, xc, _ = toy
+    ref = xc @ W.T
+    given = []
+
+    def output_loss(weights):
+        (Wq,) = weights
+        given.append(Wq)
+        return mse(xc @ Wq.T, ref)
+
+    gram = search_scales(xc, [W], 3, GROUP, n_grid=10)
+    out = search_scales(xc, [W], 3, GROUP, n_grid=10, output_loss=output_loss)
+    assert len(given) == 10
+    assert out.loss_per_ratio == pytest.approx(gram.loss_per_ratio, rel=1e-3)
+    assert out.best_ratio == gram.best_ratio > 0 and torch.equal(out.scales, gram.scales)
+    s = out.scales  # the last call was the last grid point; check the one chosen
+    torch.testing.assert_close(given[round(out.best_ratio * 10)], fake_quantize(W * s, 3, GROUP, False) / s)
+
+
+def test_output_loss_changes_the_choice_when_the_module_weighs_outputs(toy):
+    """A module that reads only some of the linear's outputs (here: the rows without
+    outlier-heavy weights) can prefer another ratio: the search follows the module."""
+    W, xc, _ = toy
+    keep = torch.zeros(OUT, dtype=torch.bool)
+    keep[::4] = True
+    ref = (xc @ W.T)[:, keep]
+    picked = search_scales(xc, [W], 2, GROUP, n_grid=20, output_loss=lambda ws: mse((xc @ ws[0].T)[:, keep], ref))
+    whole = search_scales(xc, [W], 2, GROUP, n_grid=20)
+    assert picked.loss_per_ratio != pytest.approx(whole.loss_per_ratio, rel=1e-2)
+
+
 def test_ratio_zero_is_rtn(toy):
     W, xc, _ = toy
     res = search_scales(xc, [W], bits=4, group_size=GROUP, n_grid=1)  # the grid is {0}

@@ -134,6 +134,67 @@ def test_awq_scales_are_folded_exactly_on_blip2(name, monkeypatch):
     torch.testing.assert_close(logits(model, batches), fp, rtol=1e-4, atol=1e-4)
 
 
+def test_awq_scores_qkv_scales_on_the_attention_output(llava_dir, calib):
+    """llm-awq's module2inspect: the q/k/v scale minimises the error of the attention's
+    output (o_proj included), recomputed here by brute force over the grid on a copy of
+    the full-precision attention; gate/up are scored on the MLP, o_proj on itself."""
+    import copy
+
+    from lmms_quant.quantizers.rtn import fake_quantize
+
+    fp = fresh(llava_dir)
+    layer = fp.model.language_model.layers[0]
+    seen, xs = [], []
+    hooks = [
+        layer.self_attn.register_forward_hook(lambda m, a, k, o: seen.append((a, k, o[0])), with_kwargs=True),
+        layer.self_attn.q_proj.register_forward_hook(lambda m, a, o: xs.append(a[0].reshape(-1, a[0].shape[-1]))),
+    ]
+    with torch.no_grad():
+        for b in calib.batches:
+            fp(**b, use_cache=False)
+    for h in hooks:
+        h.remove()
+    x = torch.cat(xs)
+    s_x = x.abs().mean(0)
+    names = ("q_proj", "k_proj", "v_proj")
+    losses = []
+    for i in range(20):
+        s = s_x.pow(i / 20).clamp(min=1e-4)
+        s = s / (s.max() * s.min()).sqrt()
+        attn = copy.deepcopy(layer.self_attn)
+        for n in names:
+            lin = getattr(attn, n)
+            lin.weight.data = fake_quantize(lin.weight.data * s, 3, 16, False) / s
+        with torch.no_grad():
+            sq = sum(float((attn(*a, **k)[0] - o).pow(2).sum()) for a, k, o in seen)
+        losses.append(sq / sum(o.numel() for _, _, o in seen))
+
+    m = fresh(llava_dir)
+    report = quantize_(m, recipe_from_args({"method_llm": "awq", "bits_llm": 3, "group_size": 16}), calibration=calib)
+    row = report.calibration["layers"]["model.language_model.layers.0.self_attn.q_proj"]
+    assert row["scale_scored_on"] == "self_attn output"
+    assert row["loss"] == pytest.approx(min(losses), rel=1e-4)
+    assert row["ratio"] == losses.index(min(losses)) / 20
+    layers = report.calibration["layers"]
+    assert layers["model.language_model.layers.0.mlp.up_proj"]["scale_scored_on"] == "mlp output"
+    assert layers["model.language_model.layers.0.self_attn.o_proj"]["scale_scored_on"] == "linear outputs"
+
+
+def test_an_inspect_module_must_hold_its_linears(llava_dir, calib, monkeypatch):
+    from lmms_quant import architectures
+    from lmms_quant.architectures import AWQMapping
+
+    rows = list(architectures.AWQ_MAPPINGS["LlamaDecoderLayer"])
+    rows[0] = AWQMapping(rows[0].prev, rows[0].linears, "mlp")
+    monkeypatch.setitem(architectures.AWQ_MAPPINGS, "LlamaDecoderLayer", tuple(rows))
+    with pytest.raises(ValueError, match=r"\['self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj'\] are not inside the inspected module 'mlp'"):
+        quantize_(fresh(llava_dir), recipe_from_args({"method_llm": "awq", "bits_llm": 3, "group_size": 16}), calibration=calib)
+    rows[0] = AWQMapping(rows[0].prev, rows[0].linears, "attention")
+    monkeypatch.setitem(architectures.AWQ_MAPPINGS, "LlamaDecoderLayer", tuple(rows))
+    with pytest.raises(ValueError, match=r"scores .* on 'attention', which the block lacks"):
+        quantize_(fresh(llava_dir), recipe_from_args({"method_llm": "awq", "bits_llm": 3, "group_size": 16}), calibration=calib)
+
+
 def test_awq_on_a_whole_model_quantizes_every_target(llava_dir, calib):
     m = fresh(llava_dir)
     report = quantize_(m, recipe_from_args({"method": "awq", "bits": 4, "group_size": 16}), calibration=calib)

@@ -38,6 +38,9 @@ class Schedule:
     vision_lr: float = 1e-3
     # stage 2: weight of the same dense loss next to the model's own losses
     aux_weight: float = 0.5
+    # > 0: the dense labels also hold the column and row of the covering object's centre,
+    # in this many bins each (teaches every patch where its object is, for relative positions)
+    dense_position_bins: int = 0
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -47,6 +50,8 @@ class Schedule:
                 f"vision_steps and aux_weight must be >= 0 and vision_batch_size >= 1, got {self.vision_steps},"
                 f" {self.aux_weight}, {self.vision_batch_size}"
             )
+        if self.dense_position_bins < 0:
+            raise ValueError(f"dense_position_bins must be >= 0 (0: no position labels), got {self.dense_position_bins}")
 
 
 def lr_at(step: int, schedule: Schedule) -> float:

@@ -78,6 +78,7 @@ class Family:
     vision: str  # submodule path of the ViT (its encoder.layers[-1] feeds the dense loss)
     tokenizer_kwargs: dict = field(default_factory=dict)
     queries: str | None = None  # submodule whose output is the connector's query states (the slot loss reads them)
+    lm_layers: str | None = None  # the language model's decoder layers (the mention loss reads one of them)
 
 
 FAMILIES: dict[type, Family] = {
@@ -90,6 +91,7 @@ FAMILIES: dict[type, Family] = {
         toy_llava.CAPTION_PROMPT,
         image_first=False,
         vision="model.vision_tower",
+        lm_layers="model.language_model.layers",
     ),
     ToyBlip2Spec: Family(
         "blip-2",
@@ -102,6 +104,7 @@ FAMILIES: dict[type, Family] = {
         vision="vision_model",
         tokenizer_kwargs={"image_token_attribute": False},  # see build_tokenizer: a Blip2Processor bug
         queries="qformer",
+        lm_layers="language_model.model.decoder.layers",
     ),
 }
 
@@ -118,6 +121,9 @@ class Recipe(Schedule):
     init_from: str | None = None
     # weight of the object-slot loss on the connector's queries (:class:`SlotProbe`; families with queries)
     slot_weight: float = 0.0
+    # weight of the mention loss (:class:`MentionProbe`) on the output of LM layer ``mention_layer`` (1-based)
+    mention_weight: float = 0.0
+    mention_layer: int = 2
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -129,6 +135,10 @@ class Recipe(Schedule):
             raise ValueError(f"spec must be one of {[t.__name__ for t in FAMILIES]}, got {type(self.spec).__name__}")
         if self.slot_weight < 0:
             raise ValueError(f"slot_weight must be >= 0, got {self.slot_weight}")
+        if self.mention_weight < 0:
+            raise ValueError(f"mention_weight must be >= 0, got {self.mention_weight}")
+        if self.mention_weight > 0 and not 1 <= self.mention_layer <= self.spec.text_layers:
+            raise ValueError(f"mention_layer must be in 1..{self.spec.text_layers} (the LM's layers), got {self.mention_layer}")
         if self.slot_weight > 0 and self.family.queries is None:
             raise ValueError(f"slot_weight needs a connector with queries (BLIP-2's Q-Former); {type(self.spec).__name__} has none")
         if self.init_from is not None and not isinstance(self.spec, ToyBlip2Spec):
@@ -153,21 +163,30 @@ RECIPES: dict[str, Recipe | ItmRecipe] = {
 }
 
 
-# Dense labels: colour (6 + background), shape (3 + background), size (2 + background).
+# Dense labels: colour (6 + background), shape (3 + background), size (2 + background);
+# with position bins, also the column and row of the object's centre (bins + background).
 _COLOURS, _SHAPES, _SIZES = list(COLOURS), list(SHAPES), list(SIZES)
 DENSE_CLASSES = (len(_COLOURS) + 1, len(_SHAPES) + 1, len(_SIZES) + 1)
 MIN_COVER = 0.25  # a patch belongs to an object that covers at least this share of it
 
 
-def patch_labels(scene: Scene, patch_size: int) -> np.ndarray:
+def dense_classes(position_bins: int = 0) -> tuple[int, ...]:
+    """Classes per dense label column: :data:`DENSE_CLASSES`, then two of ``position_bins + 1`` if > 0."""
+    return DENSE_CLASSES + ((position_bins + 1,) * 2 if position_bins > 0 else ())
+
+
+def patch_labels(scene: Scene, patch_size: int, position_bins: int = 0) -> np.ndarray:
     """``(n_patches, 3)`` int64 labels (colour, shape, size) in row-major patch order.
 
     A patch takes the attributes of the object covering most of its pixels, if that
     object covers at least ``MIN_COVER`` of them; otherwise the background class
-    (the last index of each attribute).
+    (the last index of each attribute).  With ``position_bins`` > 0, two more
+    columns: the bin of that object's centre column and row (``position_bins``
+    equal bins across the image).
     """
     g = IMAGE_SIZE // patch_size
-    background = [n - 1 for n in DENSE_CLASSES]
+    classes = dense_classes(position_bins)
+    background = [n - 1 for n in classes]
     labels = np.tile(np.array(background, dtype=np.int64), (g * g, 1))
     masks = object_masks(scene)  # (n_objects, 64, 64)
     if not len(masks):
@@ -177,19 +196,27 @@ def patch_labels(scene: Scene, patch_size: int) -> np.ndarray:
     enough = cover.max(axis=0) >= MIN_COVER * patch_size * patch_size
     for k, obj in enumerate(scene.objects):
         sel = enough & (best == k)
-        labels[sel] = (_COLOURS.index(obj.colour), _SHAPES.index(obj.shape), _SIZES.index(obj.size))
+        row = [_COLOURS.index(obj.colour), _SHAPES.index(obj.shape), _SIZES.index(obj.size)]
+        if position_bins > 0:
+            row += [_bin(obj.x, position_bins), _bin(obj.y, position_bins)]
+        labels[sel] = row
     return labels
 
 
-class DenseProbe(torch.nn.Module):
-    """A linear probe from each patch token to the three attribute logits (training only)."""
+def _bin(v: float, bins: int) -> int:
+    return min(bins - 1, int(v * bins / IMAGE_SIZE))
 
-    def __init__(self, hidden: int) -> None:
+
+class DenseProbe(torch.nn.Module):
+    """A linear probe from each patch token to the attribute logits (training only)."""
+
+    def __init__(self, hidden: int, classes: tuple[int, ...] = DENSE_CLASSES) -> None:
         super().__init__()
-        self.proj = torch.nn.Linear(hidden, sum(DENSE_CLASSES))
+        self.classes = tuple(classes)
+        self.proj = torch.nn.Linear(hidden, sum(self.classes))
 
     def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(tokens).split(DENSE_CLASSES, dim=-1)
+        logits = self.proj(tokens).split(self.classes, dim=-1)
         return sum(
             torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), labels[..., k].reshape(-1)) for k, z in enumerate(logits)
         ) / len(logits)
@@ -197,9 +224,9 @@ class DenseProbe(torch.nn.Module):
     @torch.no_grad()
     def accuracy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
         """Per-attribute accuracy on the patches that belong to an object."""
-        logits = self.proj(tokens).split(DENSE_CLASSES, dim=-1)
-        fg = labels[..., 0] < DENSE_CLASSES[0] - 1
-        names = ("colour", "shape", "size")
+        logits = self.proj(tokens).split(self.classes, dim=-1)
+        fg = labels[..., 0] < self.classes[0] - 1
+        names = ("colour", "shape", "size", "column", "row")
         return {n: float((z.argmax(-1) == labels[..., k])[fg].float().mean()) for k, (n, z) in enumerate(zip(names, logits))}
 
 
@@ -212,10 +239,10 @@ NO_OBJECT = SLOT_CLASSES[0] - 1
 def object_labels(scene: Scene) -> np.ndarray:
     """``(n_objects, 5)`` int64: colour, shape, size, column and row third of each object's centre."""
 
-    def third(v: float) -> int:
-        return min(POSITION_BINS - 1, int(v * POSITION_BINS / IMAGE_SIZE))
-
-    rows = [(_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), third(o.x), third(o.y)) for o in scene.objects]
+    rows = [
+        (_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), _bin(o.x, POSITION_BINS), _bin(o.y, POSITION_BINS))
+        for o in scene.objects
+    ]
     return np.array(rows, dtype=np.int64).reshape(-1, len(SLOT_CLASSES))
 
 
@@ -264,6 +291,55 @@ class SlotProbe(torch.nn.Module):
         return total / len(objects)
 
 
+# Mentions: a colour word names the scene's object of that colour (colours are distinct in a
+# scene), a shape word the scene's only object of that shape; the LM's state at the word is
+# asked for that object's colour, shape, size and centre (MENTION_BINS x MENTION_BINS), or
+# "absent" (the last class of each) when the scene has no such object.
+MENTION_BINS = 4
+MENTION_CLASSES = (len(_COLOURS) + 1, len(_SHAPES) + 1, len(_SIZES) + 1, MENTION_BINS + 1, MENTION_BINS + 1)
+
+
+def mention_labels(input_ids: torch.Tensor, scenes: list[Scene], tokenizer) -> torch.Tensor:
+    """``(B, T, 5)`` int64 labels of the mention loss, ``-100`` on tokens that name no object."""
+    colour_ids = {tokenizer.convert_tokens_to_ids(c): c for c in _COLOURS}
+    shape_ids = {tokenizer.convert_tokens_to_ids(s): s for s in _SHAPES}
+    absent = [n - 1 for n in MENTION_CLASSES]
+    out = torch.full((*input_ids.shape, len(MENTION_CLASSES)), -100, dtype=torch.long)
+    for b, (row, scene) in enumerate(zip(input_ids.tolist(), scenes, strict=True)):
+        for t, tok in enumerate(row):
+            if tok in colour_ids:
+                objs = [o for o in scene.objects if o.colour == colour_ids[tok]]
+            elif tok in shape_ids and not (t > 0 and row[t - 1] in colour_ids):
+                objs = [o for o in scene.objects if o.shape == shape_ids[tok]]
+                if len(objs) > 1:
+                    continue  # ambiguous: names no single object
+            else:
+                continue
+            if not objs:
+                out[b, t] = torch.tensor(absent)
+                continue
+            o = objs[0]
+            out[b, t] = torch.tensor(
+                [_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), _bin(o.x, MENTION_BINS), _bin(o.y, MENTION_BINS)]
+            )
+    return out
+
+
+class MentionProbe(torch.nn.Module):
+    """A linear probe from the LM's state at an object's name to that object's attributes (training only)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(hidden, sum(MENTION_CLASSES))
+
+    def loss(self, states: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        logits = self.proj(states).split(MENTION_CLASSES, dim=-1)
+        return sum(
+            torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), labels[..., k].reshape(-1), ignore_index=-100)
+            for k, z in enumerate(logits)
+        ) / len(logits)
+
+
 def _patch_tokens(vision_tower, pixels: torch.Tensor) -> torch.Tensor:
     """The tower's last-layer patch tokens (CLS dropped): what LLaVA feeds its projector."""
     return vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
@@ -286,7 +362,7 @@ def training_batch(
     for j in range(recipe.batch_size):
         item = make_item("train", step * recipe.batch_size + j, recipe.world_seed)
         images.append(item.image)
-        dense.append(patch_labels(item.scene, recipe.spec.patch_size))
+        dense.append(patch_labels(item.scene, recipe.spec.patch_size, recipe.dense_position_bins))
         objects.append(object_labels(item.scene))
         turns: list[tuple[str, str]] = []
         n_questions = recipe.vqa_turns
@@ -359,7 +435,7 @@ def train_vision(
     )
     held_out = [make_item("calibration", i, recipe.world_seed) for i in range(recipe.eval_items)]
     held_x = pixel_values([it.image for it in held_out]).to(device)
-    held_y = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size) for it in held_out])).to(device)
+    held_y = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in held_out])).to(device)
     curve, losses, t0 = [], [], time.time()
     B = recipe.vision_batch_size
     for step in range(recipe.vision_steps):
@@ -368,7 +444,7 @@ def train_vision(
             group["lr"] = lr_at(step, schedule)
         items = [make_item("train", VISION_INDEX_OFFSET + step * B + j, recipe.world_seed) for j in range(B)]
         x = pixel_values([it.image for it in items]).to(device)
-        y = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size) for it in items])).to(device)
+        y = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in items])).to(device)
         loss = probe.loss(_patch_tokens(tower, x), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -412,12 +488,16 @@ def train_generative(
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
     eval_vqa, eval_caps = _eval_rows(recipe)
     t0 = time.time()
-    probe = DenseProbe(spec.vision_hidden).to(device)  # created after the model: the seed fixes both
+    probe = DenseProbe(spec.vision_hidden, dense_classes(recipe.dense_position_bins)).to(device)  # created after the model: the seed fixes both
     vision_tower = model.get_submodule(fam.vision)
     vision_curve = train_vision(vision_tower, probe, recipe, log=log, device=device)
     # Stage 2: the dense loss rides on the tower's last layer inside the model's own forward,
     # the slot loss (if any) on the connector's query states.
     probes = [probe]
+    mentions = None
+    if recipe.mention_weight > 0:
+        mentions = MentionProbe(spec.text_hidden).to(device)
+        probes.append(mentions)
     slots = None
     if recipe.slot_weight > 0:
         queries = model.get_submodule(fam.queries)
@@ -433,6 +513,8 @@ def train_generative(
         return hook
 
     watched = {"vision": vision_tower.encoder.layers[-1]}
+    if mentions is not None:
+        watched["lm"] = model.get_submodule(fam.lm_layers)[recipe.mention_layer - 1]
     if slots is not None:
         watched["queries"] = queries
 
@@ -452,6 +534,7 @@ def train_generative(
     curve: list[dict] = []
     losses: list[float] = []
     slot_losses: list[float] = []
+    mention_losses: list[float] = []
     for step in range(recipe.steps):
         model.train()
         lr = lr_at(step, recipe)
@@ -469,6 +552,12 @@ def train_generative(
         if slots is not None:
             slot_loss = slots.loss(captured["queries"], objects)
             loss = loss + recipe.slot_weight * slot_loss
+        if mentions is not None:
+            scenes = [make_item("train", step * recipe.batch_size + j, recipe.world_seed).scene for j in range(recipe.batch_size)]
+            labels = mention_labels(batch["input_ids"].cpu(), scenes, tokenizer).to(device)
+            mention_loss = mentions.loss(captured["lm"], labels)
+            mention_losses.append(float(mention_loss.detach()))
+            loss = loss + recipe.mention_weight * mention_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe_params], recipe.grad_clip)
@@ -478,6 +567,7 @@ def train_generative(
             slot_losses.append(float(slot_loss.detach()))
         if (step + 1) % 50 == 0:
             extra = f" slots {np.mean(slot_losses[-50:]):.4f}" if slot_losses else ""
+            extra += f" mentions {np.mean(mention_losses[-50:]):.4f}" if mention_losses else ""
             log(f"step {step + 1}/{recipe.steps} loss {np.mean(losses[-50:]):.4f}{extra} lr {lr:.2e} {time.time() - t0:.0f}s")
         if (step + 1) % recipe.eval_every == 0 or step + 1 == recipe.steps:
             for h in hooks:  # generation needs no captures
@@ -559,6 +649,11 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         (
             f"- stage 1: {r['vision_steps']} steps of the dense per-patch attribute loss on the ViT alone (batch"
             f" {r['vision_batch_size']}, lr {r['vision_lr']})"
+            + (
+                f"; the labels include the object centre's column and row in {r['dense_position_bins']} bins each"
+                if r.get("dense_position_bins")
+                else ""
+            )
             if r.get("vision_steps")
             else f"- no stage 1: the ViT (already through it) and the Q-Former come from {r.get('init_from')}"
         ),
@@ -657,6 +752,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision-steps", type=int, default=None, help="override the recipe's stage-1 steps")
     parser.add_argument("--aux-weight", type=float, default=None, help="override the stage-2 dense-loss weight")
     parser.add_argument("--eval-every", type=int, default=None, help="override how often the curve is measured")
+    parser.add_argument("--dense-position-bins", type=int, default=None, help="override the dense labels' centre bins (0: none)")
+    parser.add_argument("--mention-weight", type=float, default=None, help="override the LM mention-loss weight (0: none)")
     parser.add_argument("--device", default="cpu", help="cpu (the shipped models) or cuda (exploring recipes only)")
     parser.add_argument("--out", type=Path, default=None, help="default: lmms_quant/zoo/models/<model>")
     parser.add_argument("--threads", type=int, default=1)
@@ -672,6 +769,8 @@ def main(argv: list[str] | None = None) -> None:
             "vision_steps": args.vision_steps,
             "aux_weight": args.aux_weight,
             "eval_every": args.eval_every,
+            "dense_position_bins": args.dense_position_bins,
+            "mention_weight": args.mention_weight,
         }.items()
         if v is not None
     }

@@ -110,7 +110,7 @@ def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch
     captions = [it.captions[int(rng.integers(len(it.captions)))] for it in items]
     keys = [{caption_key(c) for c in it.captions} for it in items]
     positive = torch.tensor([[caption_key(c) in keys[i] for c in captions] for i in range(len(items))])
-    dense = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size) for it in items]))
+    dense = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in items]))
     return [it.image for it in items], captions, positive, dense
 
 
@@ -144,7 +144,7 @@ def retrieval_metrics(model, processor, rows: Sequence[dict], k_test: int = 16, 
 
 def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Train toy-blip2-itm with ``recipe``; save to ``out`` (unless None); return the report."""
-    from lmms_quant.zoo.train import DenseProbe, _save, train_vision
+    from lmms_quant.zoo.train import DenseProbe, _save, dense_classes, train_vision
 
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(image_token_attribute=False)  # see build_tokenizer: a Blip2Processor bug
@@ -157,7 +157,7 @@ def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str]
     log(f"toy-blip2-itm: {n_params:,} parameters, {spec.image_tokens} ViT tokens, {spec.num_query_tokens} queries, vocab {len(tokenizer)}")
     eval_rows = _retrieval_rows("calibration", recipe.eval_items, recipe.world_seed)
     t0 = time.time()
-    probe = DenseProbe(spec.vision_hidden).to(device)
+    probe = DenseProbe(spec.vision_hidden, dense_classes(recipe.dense_position_bins)).to(device)
     vision_curve = train_vision(model.vision_model, probe, recipe, log=log, device=device)
     log_temp = torch.nn.Parameter(torch.tensor(math.log(recipe.temperature), device=device))
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]

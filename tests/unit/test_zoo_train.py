@@ -13,9 +13,11 @@ from lmms_quant.zoo.toy_llava import CAPTION_PROMPT, FOLLOWUP_VQA_PROMPT, VQA_PR
 from lmms_quant.zoo.train import (
     DENSE_CLASSES,
     MIN_COVER,
+    MENTION_CLASSES,
     DenseProbe,
     Recipe,
     lr_at,
+    mention_labels,
     patch_labels,
     train_generative,
     training_batch,
@@ -57,6 +59,46 @@ def test_patch_labels_by_hand() -> None:
     assert (patch_labels(empty, 8) == np.array([6, 3, 2])).all()
 
 
+def test_patch_labels_with_position_bins() -> None:
+    scene = Scene(objects=(Obj("square", "red", "large", 32.0, 32.0, (220, 40, 40)),), background=10)
+    labels = patch_labels(scene, 8, position_bins=8).reshape(8, 8, 5)
+    assert labels[3, 3].tolist() == [0, 1, 1, 4, 4]  # centre (32, 32): bin 32 * 8 // 64 = 4 both ways
+    assert labels[0, 0].tolist() == [6, 3, 2, 8, 8]  # background: the last class of every column
+    for i in range(6):  # the attribute columns are unchanged; every patch of an object shares its centre
+        scene = make_item("test", i).scene
+        binned, plain = patch_labels(scene, 8, position_bins=3), patch_labels(scene, 8)
+        assert np.array_equal(binned[:, :3], plain)
+        for o in scene.objects:
+            rows = binned[(binned[:, 0] == ["red", "green", "blue", "yellow", "purple", "white"].index(o.colour))]
+            assert (rows[:, 3] == min(2, int(o.x * 3 / IMAGE_SIZE))).all() and (rows[:, 4] == min(2, int(o.y * 3 / IMAGE_SIZE))).all()
+
+
+def test_mention_labels_by_hand() -> None:
+    tok = build_tokenizer()
+    scene = Scene(
+        objects=(
+            Obj("circle", "red", "large", 10.0, 50.0, (220, 40, 40)),
+            Obj("square", "blue", "small", 40.0, 20.0, (45, 85, 235)),
+            Obj("square", "white", "small", 60.0, 5.0, (235, 235, 235)),
+        ),
+        background=0,
+    )
+    text = "is the red circle left of the blue square ? what color is the circle ? is there a green square ? squares square"
+    ids = torch.tensor([tok(text, add_special_tokens=False)["input_ids"]])
+    words = text.split()
+    labels = mention_labels(ids, [scene], tok)[0]
+    assert labels.shape == (len(words), len(MENTION_CLASSES))
+    got = {i: labels[i].tolist() for i in range(len(words)) if labels[i, 0] != -100}
+    red, blue = [0, 0, 1, 0, 3], [2, 1, 0, 2, 1]  # colour, shape, size, column and row of the centre in 4 bins
+    assert got == {
+        words.index("red"): red,
+        words.index("blue"): blue,
+        14: red,  # "what color is the circle": the scene's only circle
+        19: [6, 3, 2, 4, 4],  # "green": no such object
+        # "circle"/"square" right after a colour word, "squares" and an ambiguous "square" (two squares): no label
+    }
+
+
 def test_dense_probe_loss_and_accuracy() -> None:
     torch.manual_seed(0)
     probe = DenseProbe(8)
@@ -83,12 +125,18 @@ def test_recipe_rejects_bad_values() -> None:
         Recipe(caption_fraction=2.0)
     with pytest.raises(ValueError, match="vqa_turns must be >= 1, got 0"):
         Recipe(vqa_turns=0)
+    with pytest.raises(ValueError, match=r"dense_position_bins must be >= 0 \(0: no position labels\), got -1"):
+        Recipe(dense_position_bins=-1)
+    with pytest.raises(ValueError, match=r"mention_layer must be in 1..2 \(the LM's layers\), got 3"):
+        Recipe(mention_weight=0.5, mention_layer=3)
+    with pytest.raises(ValueError, match="mention_weight must be >= 0"):
+        Recipe(mention_weight=-1.0)
     r = Recipe(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, r) == pytest.approx(0.1) and lr_at(9, r) == pytest.approx(1.0)
     assert lr_at(99, r) == pytest.approx(0.1, abs=1e-3)
 
 
-def test_two_stages_are_bit_reproducible() -> None:
+def test_two_stages_are_bit_reproducible(monkeypatch) -> None:
     torch.set_num_threads(1)
     spec = ToyLlavaSpec(
         vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, text_hidden=32, text_layers=1, text_heads=2, text_mlp=64
@@ -107,6 +155,17 @@ def test_two_stages_are_bit_reproducible() -> None:
     assert set(a["vision_curve"][0]) == {"step", "seconds", "loss", "colour", "shape", "size"}
     assert [p["loss"] for p in a["curve"]] == [p["loss"] for p in b["curve"]]
     assert any(line.startswith("stage 1 ") for line in logs)
+    # with the position labels and the mention loss: still reproducible, and both really train
+    from lmms_quant.zoo import train
+
+    mention_losses = []
+    original = train.MentionProbe.loss
+    monkeypatch.setattr(train.MentionProbe, "loss", lambda self, *a: mention_losses.append(original(self, *a)) or mention_losses[-1])
+    grounded = Recipe(**{**recipe.__dict__, "dense_position_bins": 4, "mention_weight": 0.5, "mention_layer": 1})
+    c, d = (train_generative(grounded, out=None, log=logs.append) for _ in range(2))
+    assert measured(c["vision_curve"]) == measured(d["vision_curve"]) and {"column", "row"} <= set(c["vision_curve"][0])
+    assert [p["loss"] for p in c["curve"]] == [p["loss"] for p in d["curve"]] != [p["loss"] for p in a["curve"]]
+    assert len(mention_losses) == 4 and all(x.requires_grad and x.item() > 0 for x in mention_losses)
 
 
 def test_multi_turn_encoding_labels_only_the_answers() -> None:

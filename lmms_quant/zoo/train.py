@@ -15,7 +15,12 @@ object covering that patch (or background).  Learning shapes only through the
 language-model loss was the bottleneck (shape stayed at chance after 3,600 steps);
 per-patch labels teach it in a few hundred steps.  **Stage 2** trains the whole
 VLM on captioning and VQA, keeping the dense loss (weight ``aux_weight``) on the
-tower so its features stay grounded.
+tower so its features stay grounded.  toy-llava's stage 2 also has the *mention*
+loss (``mention_weight``, :class:`MentionProbe`): at each colour or shape word, a
+probe on one language-model layer must name the image's object that word refers
+to.  Without it the model knew every attribute but could not bind a word in the
+question to an object (colour-by-shape 0.57, relative positions at chance); with
+it, test VQA went from 0.75 to 0.93 in the same steps.
 
 In stage 2, each step draws a fresh batch of train-split items (item ``step * B + j``), so
 no image is seen twice; a fixed share of the examples are captioning examples

@@ -312,7 +312,7 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
         _run_block(block, inputs)
     # 2. search every group's scale on the full-precision block, then fold or attach them all
     changed = info["changed_tensors"]
-    plans = []
+    searched, plans = [], []
     for mapping, names in groups:
         key = names[0]
         if key not in xs:
@@ -331,9 +331,9 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
         if mapping.inspect is not None:
             output_loss = module_output_loss(inspected[mapping.inspect], lins, seen[mapping.inspect])
         res = awq_q.search_scales(x, [lin.weight.data for lin in lins], bits, gsize, sym, n_grid=grid, output_loss=output_loss)
-        plans.append((mapping, names, lins, res, x, bits, gsize, sym))
+        searched.append((mapping, names, lins, res, x, bits, gsize, sym))
     seen.clear()
-    for i, (mapping, names, lins, res, x, bits, gsize, sym) in enumerate(plans):
+    for mapping, names, lins, res, x, bits, gsize, sym in searched:
         s = res.scales.to(lins[0].weight.device)
         prev = block.get_submodule(mapping.prev) if mapping.prev else None
         if isinstance(prev, nn.Linear) and prev.out_features != s.numel():
@@ -356,7 +356,7 @@ def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
                 prev.bias.data.copy_(b)
                 changed.append(_full(bpath, mapping.prev, "bias"))
         scored_on = "linear outputs" if mapping.inspect is None else (mapping.inspect or "block") + " output"
-        plans[i] = (names, lins, s, x, bits, gsize, sym, res, mapping.prev if prev is not None else "input scaling", scored_on)
+        plans.append((names, lins, s, x, bits, gsize, sym, res, mapping.prev if prev is not None else "input scaling", scored_on))
     # 3. clip search and quantization of the scaled weights
     for names, lins, s, x, bits, gsize, sym, res, folded, scored_on in plans:
         xs_scaled = x / s.to(x.dtype)

@@ -248,13 +248,9 @@ SLOT_CLASSES = (len(_COLOURS) + 1, len(_SHAPES), len(_SIZES), POSITION_BINS, POS
 NO_OBJECT = SLOT_CLASSES[0] - 1
 
 
-def object_labels(scene: Scene) -> np.ndarray:
-    """``(n_objects, 5)`` int64: colour, shape, size, column and row third of each object's centre."""
-
-    rows = [
-        (_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), _bin(o.x, POSITION_BINS), _bin(o.y, POSITION_BINS))
-        for o in scene.objects
-    ]
+def object_labels(scene: Scene, bins: int = POSITION_BINS) -> np.ndarray:
+    """``(n_objects, 5)`` int64: colour, shape, size, column and row bin (of ``bins``) of each object's centre."""
+    rows = [(_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), _bin(o.x, bins), _bin(o.y, bins)) for o in scene.objects]
     return np.array(rows, dtype=np.int64).reshape(-1, len(SLOT_CLASSES))
 
 
@@ -313,27 +309,22 @@ MENTION_CLASSES = (len(_COLOURS) + 1, len(_SHAPES) + 1, len(_SIZES) + 1, MENTION
 
 def mention_labels(input_ids: torch.Tensor, scenes: list[Scene], tokenizer) -> torch.Tensor:
     """``(B, T, 5)`` int64 labels of the mention loss, ``-100`` on tokens that name no object."""
-    colour_ids = {tokenizer.convert_tokens_to_ids(c): c for c in _COLOURS}
-    shape_ids = {tokenizer.convert_tokens_to_ids(s): s for s in _SHAPES}
-    absent = [n - 1 for n in MENTION_CLASSES]
+    colour_ids = {tokenizer.convert_tokens_to_ids(c): k for k, c in enumerate(_COLOURS)}
+    shape_ids = {tokenizer.convert_tokens_to_ids(s): k for k, s in enumerate(_SHAPES)}
+    absent = torch.tensor([n - 1 for n in MENTION_CLASSES])
     out = torch.full((*input_ids.shape, len(MENTION_CLASSES)), -100, dtype=torch.long)
     for b, (row, scene) in enumerate(zip(input_ids.tolist(), scenes, strict=True)):
+        objects = torch.from_numpy(object_labels(scene, MENTION_BINS))
         for t, tok in enumerate(row):
             if tok in colour_ids:
-                objs = [o for o in scene.objects if o.colour == colour_ids[tok]]
+                named = objects[objects[:, 0] == colour_ids[tok]]
             elif tok in shape_ids and not (t > 0 and row[t - 1] in colour_ids):
-                objs = [o for o in scene.objects if o.shape == shape_ids[tok]]
-                if len(objs) > 1:
+                named = objects[objects[:, 1] == shape_ids[tok]]
+                if len(named) > 1:
                     continue  # ambiguous: names no single object
             else:
                 continue
-            if not objs:
-                out[b, t] = torch.tensor(absent)
-                continue
-            o = objs[0]
-            out[b, t] = torch.tensor(
-                [_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), _bin(o.x, MENTION_BINS), _bin(o.y, MENTION_BINS)]
-            )
+            out[b, t] = named[0] if len(named) else absent
     return out
 
 
@@ -359,8 +350,8 @@ def _patch_tokens(vision_tower, pixels: torch.Tensor) -> torch.Tensor:
 
 def training_batch(
     step: int, recipe: Recipe
-) -> tuple[list[np.ndarray], list[list[tuple[str, str]]], torch.Tensor, list[np.ndarray]]:
-    """Images, conversations, dense patch labels and object labels of one stage-2 step; a pure
+) -> tuple[list[np.ndarray], list[list[tuple[str, str]]], torch.Tensor, list[Scene]]:
+    """Images, conversations, dense patch labels and scenes of one stage-2 step; a pure
     function of ``(step, recipe)``.
 
     With probability ``caption_fraction`` a conversation opens with a captioning turn
@@ -370,12 +361,12 @@ def training_batch(
     """
     rng = np.random.default_rng(np.random.SeedSequence(entropy=recipe.seed, spawn_key=(step,)))
     fam = recipe.family
-    images, conversations, dense, objects = [], [], [], []
+    images, conversations, dense, scenes = [], [], [], []
     for j in range(recipe.batch_size):
         item = make_item("train", step * recipe.batch_size + j, recipe.world_seed)
         images.append(item.image)
         dense.append(patch_labels(item.scene, recipe.spec.patch_size, recipe.dense_position_bins))
-        objects.append(object_labels(item.scene))
+        scenes.append(item.scene)
         turns: list[tuple[str, str]] = []
         n_questions = recipe.vqa_turns
         if rng.random() < recipe.caption_fraction:
@@ -386,7 +377,7 @@ def training_batch(
             prompt = fam.followup_prompt if turns else fam.vqa_prompt
             turns.append((prompt.format(question=q.question), q.answer))
         conversations.append(turns)
-    return images, conversations, torch.from_numpy(np.stack(dense)), objects
+    return images, conversations, torch.from_numpy(np.stack(dense)), scenes
 
 
 def _eval_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
@@ -552,7 +543,7 @@ def train_generative(
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        images, conversations, dense, objects = training_batch(step, recipe)
+        images, conversations, dense, scenes = training_batch(step, recipe)
         batch = encode_examples(tokenizer, conversations, spec.image_tokens, image_first=fam.image_first)
         batch = {k: v.to(device) for k, v in batch.items()}
         captured.clear()
@@ -562,10 +553,9 @@ def train_generative(
             loss = loss + recipe.aux_weight * probe.loss(captured["vision"][:, 1:], dense.to(device))
         slot_loss = None
         if slots is not None:
-            slot_loss = slots.loss(captured["queries"], objects)
+            slot_loss = slots.loss(captured["queries"], [object_labels(sc) for sc in scenes])
             loss = loss + recipe.slot_weight * slot_loss
         if mentions is not None:
-            scenes = [make_item("train", step * recipe.batch_size + j, recipe.world_seed).scene for j in range(recipe.batch_size)]
             labels = mention_labels(batch["input_ids"].cpu(), scenes, tokenizer).to(device)
             mention_loss = mentions.loss(captured["lm"], labels)
             mention_losses.append(float(mention_loss.detach()))

@@ -126,6 +126,8 @@ class Recipe(Schedule):
     init_from: str | None = None
     # weight of the object-slot loss on the connector's queries (:class:`SlotProbe`; families with queries)
     slot_weight: float = 0.0
+    # bins each way of the object centres the slot loss asks for (:data:`POSITION_BINS`, thirds, by default)
+    slot_position_bins: int = 3
     # weight of the mention loss (:class:`MentionProbe`) on the output of LM layer ``mention_layer`` (1-based)
     mention_weight: float = 0.0
     mention_layer: int = 2
@@ -144,6 +146,8 @@ class Recipe(Schedule):
             raise ValueError(f"mention_weight must be >= 0, got {self.mention_weight}")
         if self.mention_weight > 0 and not 1 <= self.mention_layer <= self.spec.text_layers:
             raise ValueError(f"mention_layer must be in 1..{self.spec.text_layers} (the LM's layers), got {self.mention_layer}")
+        if self.slot_position_bins < 2:
+            raise ValueError(f"slot_position_bins must be >= 2 (bins of the object centres each way), got {self.slot_position_bins}")
         if self.slot_weight > 0 and self.family.queries is None:
             raise ValueError(f"slot_weight needs a connector with queries (BLIP-2's Q-Former); {type(self.spec).__name__} has none")
         if self.init_from is not None and not isinstance(self.spec, ToyBlip2Spec):
@@ -242,10 +246,17 @@ class DenseProbe(torch.nn.Module):
         return {n: float((z.argmax(-1) == labels[..., k])[fg].float().mean()) for k, (n, z) in enumerate(zip(names, logits))}
 
 
-# Object slots: colour (6 + "no object"), shape, size, column and row of the centre (thirds of the image).
+# Object slots: colour (6 + "no object"), shape, size, column and row of the centre (thirds of the image by default).
 POSITION_BINS = 3
-SLOT_CLASSES = (len(_COLOURS) + 1, len(_SHAPES), len(_SIZES), POSITION_BINS, POSITION_BINS)
-NO_OBJECT = SLOT_CLASSES[0] - 1
+NO_OBJECT = len(_COLOURS)
+
+
+def slot_classes(position_bins: int = POSITION_BINS) -> tuple[int, ...]:
+    """Classes per slot label column: colour or "no object", shape, size, centre column and row bins."""
+    return (len(_COLOURS) + 1, len(_SHAPES), len(_SIZES), position_bins, position_bins)
+
+
+SLOT_CLASSES = slot_classes()
 
 
 def object_labels(scene: Scene, bins: int = POSITION_BINS) -> np.ndarray:
@@ -273,24 +284,27 @@ class SlotProbe(torch.nn.Module):
     """DETR's set loss on the connector's query states (training only, discarded afterwards).
 
     A linear head predicts, from each query, an object's colour (or "no object"),
-    shape, size and the thirds of the image its centre lies in.  Each object is
+    shape, size and the bins of the image (``position_bins`` each way, thirds by
+    default) its centre lies in.  Each object is
     matched to the query that predicts it best (:func:`best_assignment` on the summed
     negative log-likelihoods); matched queries are trained on their object's five
     attributes, the others on "no object".  This makes the queries object slots, with
     each object's attributes bound in one query, which the language model then reads.
     """
 
-    def __init__(self, hidden: int) -> None:
+    def __init__(self, hidden: int, position_bins: int = POSITION_BINS) -> None:
         super().__init__()
-        self.proj = torch.nn.Linear(hidden, sum(SLOT_CLASSES))
+        self.classes = slot_classes(position_bins)
+        self.proj = torch.nn.Linear(hidden, sum(self.classes))
 
     def loss(self, queries: torch.Tensor, objects: list[np.ndarray]) -> torch.Tensor:
-        logp = [torch.log_softmax(z, dim=-1) for z in self.proj(queries).split(SLOT_CLASSES, dim=-1)]
+        """``objects``: each image's :func:`object_labels` with this probe's ``position_bins``."""
+        logp = [torch.log_softmax(z, dim=-1) for z in self.proj(queries).split(self.classes, dim=-1)]
         n_queries = queries.shape[1]
         total = queries.new_zeros(())
         for b, objs in enumerate(objects):
             idx = torch.from_numpy(objs).to(queries.device)
-            cost = -sum(logp[k][b][:, idx[:, k]] for k in range(len(SLOT_CLASSES)))  # (queries, objects)
+            cost = -sum(logp[k][b][:, idx[:, k]] for k in range(len(self.classes)))  # (queries, objects)
             chosen = torch.from_numpy(best_assignment(cost.detach().cpu().numpy())).to(queries.device)
             empty = torch.ones(n_queries, dtype=torch.bool, device=queries.device)
             empty[chosen] = False
@@ -504,7 +518,7 @@ def train_generative(
     slots = None
     if recipe.slot_weight > 0:
         queries = model.get_submodule(fam.queries)
-        slots = SlotProbe(queries.config.hidden_size).to(device)
+        slots = SlotProbe(queries.config.hidden_size, recipe.slot_position_bins).to(device)
         probes.append(slots)
     probe_params = [p for pr in probes for p in pr.parameters()]
     captured: dict[str, torch.Tensor] = {}
@@ -553,7 +567,7 @@ def train_generative(
             loss = loss + recipe.aux_weight * probe.loss(captured["vision"][:, 1:], dense.to(device))
         slot_loss = None
         if slots is not None:
-            slot_loss = slots.loss(captured["queries"], [object_labels(sc) for sc in scenes])
+            slot_loss = slots.loss(captured["queries"], [object_labels(sc, recipe.slot_position_bins) for sc in scenes])
             loss = loss + recipe.slot_weight * slot_loss
         if mentions is not None:
             labels = mention_labels(batch["input_ids"].cpu(), scenes, tokenizer).to(device)
@@ -662,6 +676,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         f"- stage 2 auxiliary losses: the dense loss on the ViT's last layer (weight {r['aux_weight']})"
         + (
             f"; the object-slot set loss on the Q-Former's queries (weight {r['slot_weight']}; DETR-style matching,"
+            f" centres in {r.get('slot_position_bins', POSITION_BINS)} x {r.get('slot_position_bins', POSITION_BINS)} bins,"
             " `lmms_quant.zoo.train.SlotProbe`)"
             if r.get("slot_weight")
             else ""
@@ -763,6 +778,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=None, help="override how often the curve is measured")
     parser.add_argument("--dense-position-bins", type=int, default=None, help="override the dense labels' centre bins (0: none)")
     parser.add_argument("--mention-weight", type=float, default=None, help="override the LM mention-loss weight (0: none)")
+    parser.add_argument("--slot-position-bins", type=int, default=None, help="override the slot loss's centre bins each way")
     parser.add_argument("--device", default="cpu", help="cpu (the shipped models) or cuda (exploring recipes only)")
     parser.add_argument("--out", type=Path, default=None, help="default: lmms_quant/zoo/models/<model>")
     parser.add_argument("--threads", type=int, default=1)
@@ -780,6 +796,7 @@ def main(argv: list[str] | None = None) -> None:
             "eval_every": args.eval_every,
             "dense_position_bins": args.dense_position_bins,
             "mention_weight": args.mention_weight,
+            "slot_position_bins": args.slot_position_bins,
         }.items()
         if v is not None
     }

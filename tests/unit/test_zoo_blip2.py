@@ -166,6 +166,7 @@ def test_object_labels_by_hand() -> None:
     )
     # colours red green blue yellow purple white; shapes circle square triangle; sizes small large; thirds of 64 px
     assert object_labels(scene).tolist() == [[2, 0, 0, 0, 2], [5, 1, 1, 1, 1]]
+    assert object_labels(scene, 8).tolist() == [[2, 0, 0, 1, 6], [5, 1, 1, 4, 2]]  # eighths: 8 px each
     assert object_labels(Scene(objects=(), background=0)).shape == (0, 5)
 
 
@@ -185,24 +186,27 @@ def test_best_assignment_equals_the_hungarian_algorithm() -> None:
         best_assignment(np.zeros((3, 4)))
 
 
-def test_slot_loss_by_hand() -> None:
+@pytest.mark.parametrize("bins", [3, 8])
+def test_slot_loss_by_hand(bins: int) -> None:
     """Queries 2 and 0 carry objects 0 and 1; the loss is their five cross-entropies plus
     "no object" on the two other queries, over four queries."""
     from lmms_quant.zoo.train import NO_OBJECT, SLOT_CLASSES, SlotProbe
 
     torch.manual_seed(0)
-    probe = SlotProbe(sum(SLOT_CLASSES))
+    probe = SlotProbe(sum(SLOT_CLASSES) + 2 * (bins - 3), position_bins=bins)
+    classes = probe.classes
+    assert classes == (7, 3, 2, bins, bins) and (bins != 3 or classes == SLOT_CLASSES)
     with torch.no_grad():  # the query state is its own logits
-        probe.proj.weight.copy_(torch.eye(sum(SLOT_CLASSES)))
+        probe.proj.weight.copy_(torch.eye(sum(classes)))
         probe.proj.bias.zero_()
-    objs = np.array([[1, 2, 0, 1, 2], [4, 0, 1, 0, 0]])
-    logits = torch.zeros(1, 4, sum(SLOT_CLASSES))
-    offsets = np.cumsum((0,) + SLOT_CLASSES[:-1])
+    objs = np.array([[1, 2, 0, 1, bins - 1], [4, 0, 1, 0, 0]])
+    logits = torch.zeros(1, 4, sum(classes))
+    offsets = np.cumsum((0,) + classes[:-1])
     for q, o in ((2, 0), (0, 1)):
         logits[0, q, offsets + objs[o]] = 5.0
     logits[0, [1, 3], NO_OBJECT] = 5.0
     loss = probe.loss(logits, [objs])
-    parts = logits[0].split(SLOT_CLASSES, dim=-1)
+    parts = logits[0].split(classes, dim=-1)
 
     def ce(q: int, k: int, target: int) -> torch.Tensor:
         return -torch.log_softmax(parts[k][q], dim=-1)[target]
@@ -219,6 +223,30 @@ def test_slot_weight_needs_a_connector_with_queries() -> None:
         Recipe(spec=ToyLlavaSpec(), slot_weight=1.0)
     with pytest.raises(ValueError, match="slot_weight must be >= 0"):
         Recipe(spec=SMALL, slot_weight=-1.0)
+    with pytest.raises(ValueError, match="slot_position_bins must be >= 2"):
+        Recipe(spec=SMALL, slot_weight=1.0, slot_position_bins=1)
+
+
+def test_slot_position_bins_reach_the_slot_loss(monkeypatch) -> None:
+    """The recipe's bins size the probe and label the objects the training step hands it."""
+    import lmms_quant.zoo.train as train
+
+    seen: list[tuple[tuple[int, ...], int]] = []
+    real = train.SlotProbe.loss
+
+    def spy(self, queries, objects):
+        seen.append((self.classes, max(int(o[:, 3:].max()) for o in objects if len(o))))
+        return real(self, queries, objects)
+
+    monkeypatch.setattr(train.SlotProbe, "loss", spy)
+    torch.set_num_threads(1)
+    recipe = Recipe(
+        steps=3, batch_size=4, vision_steps=0, eval_every=100, eval_items=1, warmup=1, spec=SMALL,
+        init_from="toy-blip2-itm", slot_weight=1.0, slot_position_bins=16,
+    )  # fmt: skip
+    train_generative(recipe, out=None, log=lambda _: None, name="toy-blip2")
+    assert len(seen) == 3 and all(classes == (7, 3, 2, 16, 16) for classes, _ in seen)
+    assert max(top for _, top in seen) >= 3  # labels in sixteenths, not thirds
 
 
 # ---------------------------------------------------------------- the shipped model

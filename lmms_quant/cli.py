@@ -28,8 +28,28 @@ DEMO_ARGS = ["--model", "quant_vlm", "--model_args", "bits_llm=3,bits_vit=4", "-
              "--batch_size", "16", "--output_path", "results/demo", "--log_samples"]
 
 
+def _output_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == "--output_path" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--output_path="):
+            return arg.split("=", 1)[1]
+    return None
+
+
 def run_lmms_eval(argv: list[str]) -> int:
     """Run ``lmms-eval argv`` in this process; return 0 only if every evaluation succeeded."""
+    out = _output_path(argv)
+    if out is not None and "," in out:
+        # lmms-eval 0.7.3 reads "output_path=<path>" as comma-separated key=value pairs for its
+        # EvaluationTracker, so a comma fails only after the model has loaded, with a TypeError.
+        print(
+            f"lmms-quant: --output_path {out!r} has a comma, which lmms-eval 0.7.3 splits into key=value arguments"
+            " (the run would fail after loading the model); choose a folder name without commas,"
+            f" e.g. {out.replace(',', '_')!r}",
+            file=sys.stderr,
+        )
+        return 2
     import lmms_eval.__main__ as lm_main
 
     from lmms_quant.model_wrappers import plugin

@@ -46,8 +46,13 @@ VQA
     ``multiple_choice_answer`` is the canonical normalised answer.
 
 Retrieval
-    Image-caption pairs with the five captions of each image; the twins
-    (items ``2k`` and ``2k + 1``) make every gallery hold near-duplicates.
+    Image-caption pairs in Flickr30k's style: five captions per image, each naming
+    every object's size, colour and shape and where the objects are
+    ("a large red circle to the left of a small blue square", "one small white
+    triangle in the top left corner"), so that a caption picks out its image; the
+    twins (items ``2k`` and ``2k + 1``) make every gallery hold near-duplicates
+    that differ in one word.  They are drawn from their own seed stream, so the
+    captioning and VQA texts do not depend on them.
 
 Determinism and splits
     Every item is a pure function of ``(seed, split, index)``:
@@ -62,6 +67,7 @@ Usage::
     item.image        # uint8 array (64, 64, 3)
     item.captions     # five strings
     item.questions    # Question(question, question_type, answer_type, answer, answers)
+    item.retrieval_captions  # five strings, each naming every object
 
 ``python -m lmms_quant.world.export`` writes the test and calibration splits to
 ``tasks/data/world/`` (PNG images and JSONL files in the schemas of the
@@ -74,8 +80,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmms_quant.world.language import KIND_OF_QUESTION_TYPE, QUESTIONS_PER_IMAGE, Question, captions, questions
-from lmms_quant.world.scene import COLOURS, IMAGE_SIZE, SHAPES, SIZES, SPLITS, Obj, Scene, item_rng, render, scene_for
+from lmms_quant.world.language import KIND_OF_QUESTION_TYPE, QUESTIONS_PER_IMAGE, Question, captions, questions, retrieval_captions
+from lmms_quant.world.scene import COLOURS, IMAGE_SIZE, SHAPES, SIZES, SPLITS, Obj, Scene, foil, item_rng, render, scene_for
 
 __all__ = [
     "COLOURS",
@@ -90,11 +96,13 @@ __all__ = [
     "Obj",
     "Question",
     "Scene",
+    "foil_captions",
     "make_item",
 ]
 
 DEFAULT_SEED = 20260126
 _TEXT_STREAM = 1
+_RETRIEVAL_STREAM = 2
 
 
 @dataclass(frozen=True)
@@ -108,6 +116,7 @@ class Item:
     image: np.ndarray  # uint8 (64, 64, 3)
     captions: tuple[str, ...]  # 5
     questions: tuple[Question, ...]  # up to QUESTIONS_PER_IMAGE
+    retrieval_captions: tuple[str, ...]  # 5, Flickr30k style (each identifies the image)
 
     @property
     def file_name(self) -> str:
@@ -125,4 +134,14 @@ def make_item(split: str, index: int, seed: int = DEFAULT_SEED) -> Item:
     rng = item_rng(seed, split, index, stream=_TEXT_STREAM)
     caps = captions(scene, rng)
     qs = questions(scene, rng)
-    return Item(split, index, seed, scene, render(scene), caps, qs)
+    retrieval = retrieval_captions(scene, item_rng(seed, split, index, stream=_RETRIEVAL_STREAM))
+    return Item(split, index, seed, scene, render(scene), caps, qs, retrieval)
+
+
+def foil_captions(item: Item, rng: np.random.Generator) -> tuple[str, ...]:
+    """Hard negative texts for ``item``: the retrieval captions of a
+    :func:`~lmms_quant.world.scene.foil` of its scene (drawn with ``rng``), in the
+    item's own wording, so caption ``k`` of the result differs from the item's
+    caption ``k`` only where the foil changed the scene."""
+    wording = item_rng(item.seed, item.split, item.index, stream=_RETRIEVAL_STREAM)
+    return retrieval_captions(foil(item.scene, rng), wording)

@@ -7,7 +7,8 @@ Writes, under ``DIR`` (default ``tasks/data/world`` of the repository):
 * ``images/world_{split}_{index:06d}.png``
 * ``captions_{split}.jsonl``: lmms-lab/COCO-Caption2017 rows;
 * ``vqa_{split}.jsonl``: lmms-lab/VQAv2 rows (ten answers each);
-* ``retrieval_{split}.jsonl``: lmms-lab/flickr30k rows (five captions each).
+* ``retrieval_{split}.jsonl``: lmms-lab/flickr30k rows (five captions each, the
+  item's ``retrieval_captions``).
 
 ``image`` fields are paths relative to the JSONL file.  The output is a pure
 function of the arguments: running the exporter twice gives identical bytes.
@@ -70,11 +71,11 @@ def vqa_rows(item: Item) -> Iterator[dict]:
 
 
 def retrieval_rows(item: Item) -> Iterator[dict]:
-    """One lmms-lab/flickr30k row; ``sentids`` are ``5 * image_id + k``."""
+    """One lmms-lab/flickr30k row with the item's ``retrieval_captions``; ``sentids`` are ``5 * image_id + k``."""
     yield {
         "image": _image_path(item),
-        "caption": list(item.captions),
-        "sentids": [5 * item.image_id + k for k in range(len(item.captions))],
+        "caption": list(item.retrieval_captions),
+        "sentids": [5 * item.image_id + k for k in range(len(item.retrieval_captions))],
         "img_id": str(item.image_id),
         "filename": item.file_name,
     }

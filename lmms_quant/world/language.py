@@ -19,6 +19,7 @@ __all__ = [
     "annotate",
     "captions",
     "questions",
+    "retrieval_captions",
 ]
 
 QUESTIONS_PER_IMAGE = 3
@@ -134,6 +135,49 @@ def captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
             f"a {first.name} {_REL_PHRASE[rel]} a {second.name} and a {c.name}",
             f"there are three shapes in the {pic}",
             f"a {a.name}, a {b.name} and a {c.name} on a {bg} background",
+        ]
+    return tuple(caps)
+
+
+def retrieval_captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
+    """Five Flickr30k-style captions: each names every object's size, colour and shape,
+    and where the objects are (a region for one object, a relation for two, the order
+    from left to right for three), so a caption picks its image out of a gallery, as
+    Flickr30k's do, and the twin that differs in one attribute is told apart by every one.
+    Words are the reference captions' own (the zoo's tokenizer covers them).
+    """
+    objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
+    pic = str(rng.choice(["image", "picture"]))
+    bg = str(rng.choice(["dark", "black"]))
+    article = "an" if pic == "image" else "a"
+    if len(objs) == 1:
+        (o,) = objs
+        where = _region(o)
+        caps = [
+            f"a {_full(o)} {where}",
+            f"one {_full(o)} {where}",
+            f"a {_full(o)} {where}, on a {bg} background",
+            f"there is a {_full(o)} {where} of the {pic}",
+            f"{article} {pic} with a {_full(o)} {where}",
+        ]
+    elif len(objs) == 2:
+        a, b, rel = _ordered_pair(*objs)
+        caps = [
+            f"a {_full(a)} {_REL_PHRASE[rel]} a {_full(b)}",
+            f"a {_full(b)} {_REL_PHRASE[_OPPOSITE[rel]]} a {_full(a)}",
+            f"two shapes, a {_full(a)} {_REL_PHRASE[rel]} a {_full(b)}",
+            f"a {_full(a)} and a {_full(b)}, the {a.name} is {_REL_PHRASE[rel]} the {b.name}",
+            f"a {_full(a)} {_REL_PHRASE[rel]} a {_full(b)} on a {bg} background",
+        ]
+    else:
+        a, b, c = objs
+        first, second, rel = _ordered_pair(a, b)
+        caps = [
+            f"a {_full(a)}, a {_full(b)} and a {_full(c)}",
+            f"three shapes, a {_full(a)}, a {_full(b)} and a {_full(c)}",
+            f"a {_full(first)} {_REL_PHRASE[rel]} a {_full(second)} and a {_full(c)}",
+            f"a {_full(a)}, a {_full(b)} and a {_full(c)} on a {bg} background",
+            f"{article} {pic} of a {_full(a)}, a {_full(b)} and a {_full(c)}",
         ]
     return tuple(caps)
 

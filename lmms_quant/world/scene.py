@@ -25,6 +25,7 @@ __all__ = [
     "SPLITS",
     "Obj",
     "Scene",
+    "foil",
     "item_rng",
     "object_masks",
     "relation",
@@ -81,7 +82,7 @@ class Scene:
     objects: tuple[Obj, ...]
     background: int
     twin_of: int | None = None  # index of the scene this one was derived from
-    change: str | None = None  # "colour", "shape" or "size" for a twin
+    change: str | None = None  # "colour", "shape" or "size" for a twin; also "swap" for a foil
 
 
 def item_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
@@ -183,6 +184,24 @@ def _twin(scene: Scene, rng: np.random.Generator, parent: int) -> Scene:
         if _fits(new, list(scene.objects[:k] + scene.objects[k + 1 :])):
             return Scene(objects=objects, background=scene.background, twin_of=parent, change=change)
     raise RuntimeError("could not build a twin scene")
+
+
+def foil(scene: Scene, rng: np.random.Generator) -> Scene:
+    """A scene that differs from ``scene`` in what a full description says, for hard
+    negative texts (FOIL-COCO's idea): one attribute of one object changed, as a twin,
+    or (with two or more objects, one time in four) two objects' attributes swapped
+    in place, which swaps them in every relation.  Only its texts are meant to be
+    used: a swapped scene may not satisfy the placement rules, so it is not rendered.
+    """
+    if len(scene.objects) >= 2 and rng.random() < 0.25:
+        i, j = (int(k) for k in rng.choice(len(scene.objects), size=2, replace=False))
+        a, b = scene.objects[i], scene.objects[j]
+        objects = list(scene.objects)
+        objects[i] = replace(b, x=a.x, y=a.y)
+        objects[j] = replace(a, x=b.x, y=b.y)
+        return Scene(objects=tuple(objects), background=scene.background, change="swap")
+    twin = _twin(scene, rng, parent=-1)
+    return replace(twin, twin_of=None)
 
 
 def scene_for(seed: int, split: str, index: int) -> Scene:

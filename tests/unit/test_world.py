@@ -163,3 +163,61 @@ def test_export_matches_generator(tmp_path: Path) -> None:
 def test_data_folder_is_small() -> None:
     total = sum(p.stat().st_size for p in DATA.rglob("*") if p.is_file())
     assert total < 4 * 1024 * 1024
+
+
+def test_retrieval_captions_name_every_object_and_tell_twins_apart() -> None:
+    """Flickr30k-style captions: each names every object in full, so twins differ in every caption."""
+    for i in range(0, 60, 2):
+        item, twin = make_item("calibration", i), make_item("calibration", i + 1)
+        for it in (item, twin):
+            assert len(it.retrieval_captions) == 5 == len(set(it.retrieval_captions))
+            for caption in it.retrieval_captions:
+                for o in it.scene.objects:
+                    assert f"{o.size} {o.colour} {o.shape}" in caption, (caption, o)
+        assert not set(item.retrieval_captions) & set(twin.retrieval_captions)
+        if len(item.scene.objects) == 2:  # the relation is said, both ways round in captions 0 and 1
+            a, b = item.scene.objects
+            rel = relation(a, b)
+            if rel in ("right", "below"):  # captions name the left or upper object first
+                a, b, rel = b, a, {"right": "left", "below": "above"}[rel]
+            phrase, back = {"left": ("to the left of", "to the right of"), "above": ("above", "below")}[rel]
+            assert f"{a.size} {a.colour} {a.shape} {phrase} a {b.size} {b.colour} {b.shape}" in item.retrieval_captions[0]
+            assert f"{b.size} {b.colour} {b.shape} {back} a {a.size} {a.colour} {a.shape}" in item.retrieval_captions[1]
+
+
+def test_retrieval_gallery_is_retrievable_unlike_the_reference_captions() -> None:
+    """The ceiling of R@1 on the 500 shipped test images: the reference captions repeat across images
+    ("there are three shapes in the picture"), the retrieval captions almost never do."""
+    from lmms_quant.zoo.train_itm import recall_ceiling
+
+    rows = _rows("retrieval_test.jsonl")
+    ceiling = recall_ceiling(rows)
+    assert ceiling["t2i_R@1"] > 90 and ceiling["i2t_R@1"] > 90, ceiling
+    reference = recall_ceiling([{"caption": r["answer"]} for r in _rows("captions_test.jsonl")])
+    assert reference["t2i_R@1"] < 70, reference
+
+
+def test_foil_captions_are_false_and_keep_the_wording() -> None:
+    from lmms_quant.world import foil_captions
+    from lmms_quant.world.scene import foil
+
+    rng = np.random.default_rng(0)
+    swaps = changes = 0
+    for i in range(40):
+        item = make_item("train", i)
+        scene = foil(item.scene, rng)
+        assert scene != item.scene and len(scene.objects) == len(item.scene.objects)
+        if scene.change == "swap":
+            swaps += 1  # the same objects, two of them in each other's place
+            assert sorted((o.shape, o.colour, o.size) for o in scene.objects) == sorted((o.shape, o.colour, o.size) for o in item.scene.objects)
+        else:
+            changes += 1  # one attribute of one object
+            diff = [(a, b) for a, b in zip(item.scene.objects, scene.objects) if a != b]
+            assert len(diff) == 1
+            a, b = diff[0]
+            assert sum(getattr(a, f) != getattr(b, f) for f in ("shape", "colour", "size")) == 1
+        foils = foil_captions(item, np.random.default_rng(i))
+        assert not set(foils) & set(item.retrieval_captions)
+        for mine, other in zip(item.retrieval_captions, foils):
+            assert len(mine.split()) == len(other.split())  # the same template and free words
+    assert swaps and changes

@@ -10,7 +10,8 @@
   ITM heads) for retrieval; see :mod:`lmms_quant.zoo.toy_blip2_itm` and
   :mod:`lmms_quant.zoo.train_itm`.
 * ``toy-blip2``: ``Blip2ForConditionalGeneration`` (BLIP-2 ViT, Q-Former, OPT LM) for
-  captioning and VQA, started from toy-blip2-itm's ViT and Q-Former; see
+  captioning and VQA, started from the ViT and Q-Former of the first toy-blip2-itm
+  recipe (``STARTING_POINTS`` in :mod:`lmms_quant.zoo.train`, retrained first); see
   :mod:`lmms_quant.zoo.toy_blip2` (the training loop is toy-llava's,
   :data:`lmms_quant.zoo.train.FAMILIES` holds what differs).
 

@@ -167,18 +167,24 @@ def itc_similarity(image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch
     return torch.einsum("iqd,td->iqt", image_feats, text_feats).amax(dim=1)
 
 
-def itc_loss(sim: torch.Tensor, positive: torch.Tensor, temperature: torch.Tensor | float) -> torch.Tensor:
+def itc_loss(sim: torch.Tensor, positive: torch.Tensor, temperature: torch.Tensor | float, foils: int = 0) -> torch.Tensor:
     """Contrastive loss both ways over a batch, with several positives allowed.
 
     ``positive[i, t]`` is True where text ``t`` is true of image ``i`` (its own caption,
     and any other image's caption that says the same thing, which would otherwise be
     a false negative); each direction's target spreads evenly over the positives.
+    The last ``foils`` texts are hard negative texts (NegCLIP's): they join every
+    image's text softmax but have no text-to-image term of their own.
     """
-    if not bool(positive.any(dim=1).all()) or not bool(positive.any(dim=0).all()):
-        raise ValueError("every image and every text needs at least one positive")
+    n_text = sim.shape[1] - foils
+    if not 0 <= foils < sim.shape[1]:
+        raise ValueError(f"foils must be in [0, {sim.shape[1]}) for {sim.shape[1]} texts, got {foils}")
+    if not bool(positive.any(dim=1).all()) or not bool(positive[:, :n_text].any(dim=0).all()):
+        raise ValueError("every image and every text (foils aside) needs at least one positive")
     logits = sim / temperature
     target = positive.float()
     i2t = -(F.log_softmax(logits, dim=1) * (target / target.sum(1, keepdim=True))).sum(1).mean()
+    logits, target = logits[:, :n_text], target[:, :n_text]
     t2i = -(F.log_softmax(logits, dim=0) * (target / target.sum(0, keepdim=True))).sum(0).mean()
     return (i2t + t2i) / 2
 
@@ -207,26 +213,38 @@ def itm_loss(
     sim: torch.Tensor,
     positive: torch.Tensor,
     generator: torch.Generator,
+    foil_ids: torch.Tensor | None = None,
+    foil_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """BLIP's ITM loss with hard negatives mined from the ITC similarity.
 
     Batch ``i`` pairs image ``i`` with text ``i`` (a match).  Each image also gets one
     negative text and each text one negative image, drawn with probability
     ``softmax(sim)`` over the non-positives (hard negatives are the likely ones);
-    cross-entropy over the ``3B`` pairs.
+    cross-entropy over the ``3B`` pairs.  With ``foil_ids``/``foil_mask`` (``B`` texts,
+    row ``i`` false of image ``i``), the pairs (image ``i``, foil ``i``) join as ``B``
+    more negatives.  ``sim`` and ``positive`` are ``(B, B)``: the batch's own texts.
     """
     b = vit.shape[0]
     if bool(positive.all(dim=1).any()) or bool(positive.all(dim=0).any()):
         raise ValueError("every image and every text needs at least one negative in the batch")
+    if (foil_ids is None) != (foil_mask is None) or (foil_ids is not None and foil_ids.shape[0] != b):
+        raise ValueError(f"foil_ids and foil_mask go together, one foil text per image ({b})")
     with torch.no_grad():
         neg_text = torch.multinomial(_negative_weights(sim, positive), 1, generator=generator).squeeze(1)
         neg_image = torch.multinomial(_negative_weights(sim.T, positive.T), 1, generator=generator).squeeze(1)
     idx = torch.arange(b, device=vit.device)
-    vit_all = torch.cat([vit, vit, vit[neg_image]])
-    ids_all = torch.cat([input_ids, input_ids[neg_text], input_ids])
-    mask_all = torch.cat([attention_mask, attention_mask[neg_text], attention_mask])
-    labels = torch.cat([torch.ones_like(idx), torch.zeros_like(idx), torch.zeros_like(idx)])
-    return F.cross_entropy(itm_logits(model, vit_all, ids_all, mask_all), labels)
+    vit_all = [vit, vit, vit[neg_image]]
+    ids_all = [input_ids, input_ids[neg_text], input_ids]
+    mask_all = [attention_mask, attention_mask[neg_text], attention_mask]
+    labels = [torch.ones_like(idx), torch.zeros_like(idx), torch.zeros_like(idx)]
+    if foil_ids is not None:
+        width = max(input_ids.shape[1], foil_ids.shape[1])
+        ids_all = [F.pad(t, (0, width - t.shape[1])) for t in [*ids_all, foil_ids]]
+        mask_all = [F.pad(t, (0, width - t.shape[1])) for t in [*mask_all, foil_mask]]
+        vit_all.append(vit)
+        labels.append(torch.zeros_like(idx))
+    return F.cross_entropy(itm_logits(model, torch.cat(vit_all), torch.cat(ids_all), torch.cat(mask_all)), torch.cat(labels))
 
 
 def _negative_weights(sim: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:

@@ -12,10 +12,17 @@ plus the dense loss on the ViT (weight ``aux_weight``).
 A batch is ``batch_size`` consecutive train-split items (fresh ones every step);
 the world makes every odd item a twin of the even one before it (one attribute of
 one object changed), so each batch holds hard negatives by construction.  Each
-image comes with one of its five captions.  A caption that is also, word for
-word, a caption of another image in the batch (``"there are three shapes in the
-picture"``) counts as a positive of both (:func:`~lmms_quant.zoo.toy_blip2_itm.caption_key`),
-so ITC never pushes a true caption away and ITM never draws it as a negative.
+image comes with one of its five retrieval captions (``Item.retrieval_captions``,
+the Flickr30k-style texts the retrieval task scores) and, with ``foils`` (the
+default), one foil caption: the same template said of its scene with one attribute
+of one object changed or two objects swapped (:func:`lmms_quant.world.foil_captions`,
+FOIL-COCO's and NegCLIP's hard negative texts).  A foil joins every image's
+image-to-text softmax in ITC and is one more ITM negative of its image; in-batch
+negatives alone (twins included) leave the ITM head unable to bind attributes to
+objects on a 500-image gallery.  A caption that is also, word for word, a caption
+of another image in the batch counts as a positive of both
+(:func:`~lmms_quant.zoo.toy_blip2_itm.caption_key`), so ITC never pushes a true
+caption away and ITM never draws it as a negative.
 
 The learning curve is LAVIS's two-stage retrieval (ITC, then ITM + ITC on each
 query's ``k_test`` best candidates, :func:`lmms_quant.model_wrappers.retrieval.blip2_itm_retrieval`,
@@ -38,7 +45,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmms_quant.world import make_item
+from lmms_quant.world import foil_captions, make_item
 from lmms_quant.zoo import evaluate as ev
 from lmms_quant.zoo.schedule import Schedule, lr_at
 from lmms_quant.zoo.tokenizer import build_tokenizer
@@ -73,6 +80,10 @@ GOAL_W8_DROP = 1.0  # 8-bit RTN within one point
 COMPONENTS = ("vision", "projector")  # the ViT and the Q-Former (evaluate.COMPONENT_BLOCKS["blip-2"])
 
 
+#: An item's texts by :attr:`ItmRecipe.captions`.
+CAPTION_SETS = {"retrieval": lambda item: item.retrieval_captions, "reference": lambda item: item.captions}
+
+
 @dataclass(frozen=True)
 class ItmRecipe(Schedule):
     """toy-blip2-itm's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule` plus ITC and ITM settings."""
@@ -84,6 +95,10 @@ class ItmRecipe(Schedule):
     eval_items: int = 128  # calibration images of the learning curve (5 captions each)
     temperature: float = 0.07  # initial ITC temperature (learned, clamped to [0.01, 0.5], as BLIP)
     itm_weight: float = 1.0
+    foils: bool = True  # one foil caption per image (world.foil_captions): an extra ITC text and ITM negative
+    # which of each image's texts it trains on: "retrieval" (Item.retrieval_captions, what the retrieval
+    # task scores) or "reference" (Item.captions, the captioning references; the first toy-blip2-itm's)
+    captions: str = "retrieval"
     eval_k_test: int = 16
     spec: ToyItmSpec = field(default_factory=ToyItmSpec)
 
@@ -95,23 +110,40 @@ class ItmRecipe(Schedule):
             raise ValueError(f"temperature must be in [0.01, 0.5], got {self.temperature}")
         if self.itm_weight < 0:
             raise ValueError(f"itm_weight must be >= 0, got {self.itm_weight}")
+        if self.captions not in CAPTION_SETS:
+            raise ValueError(f"captions must be one of {sorted(CAPTION_SETS)}, got {self.captions!r}")
+        if self.foils and self.captions != "retrieval":
+            raise ValueError("foils are retrieval captions of a changed scene: they need captions='retrieval'")
 
 
 def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch.Tensor, torch.Tensor]:
-    """Images, one caption each, ``positive`` ``(B, B)`` and dense patch labels of one step.
+    """Images, texts, ``positive`` and dense patch labels of one step.
 
-    A pure function of ``(step, recipe)``.  ``positive[i, t]``: caption ``t`` is one of
-    image ``i``'s five captions (up to the world's free word choices).
+    A pure function of ``(step, recipe)``.  ``texts`` holds one of each image's five
+    captions (``recipe.captions``: by default the retrieval captions, the ones the
+    retrieval task scores) and then, with
+    ``recipe.foils``, one foil caption per image: the same template for a scene with
+    one attribute changed or two objects swapped (:func:`lmms_quant.world.foil_captions`).
+    ``positive`` is ``(B, len(texts))``: ``positive[i, t]`` where text ``t`` is one of
+    image ``i``'s captions (up to the world's free word choices).
     """
     from lmms_quant.zoo.train import patch_labels
 
     rng = np.random.default_rng(np.random.SeedSequence(entropy=recipe.seed, spawn_key=(1, step)))
     items = [make_item("train", step * recipe.batch_size + j, recipe.world_seed) for j in range(recipe.batch_size)]
-    captions = [it.captions[int(rng.integers(len(it.captions)))] for it in items]
-    keys = [{caption_key(c) for c in it.captions} for it in items]
-    positive = torch.tensor([[caption_key(c) in keys[i] for c in captions] for i in range(len(items))])
+    own = [CAPTION_SETS[recipe.captions](it) for it in items]
+    picks = [int(rng.integers(len(c))) for c in own]
+    texts = [c[k] for c, k in zip(own, picks)]
+    keys = [{caption_key(c) for c in captions} for captions in own]
+    if recipe.foils:
+        for it, k, own in zip(items, picks, keys):
+            foil = foil_captions(it, rng)[k]
+            while caption_key(foil) in own:  # a foil must be false of its image
+                foil = foil_captions(it, rng)[k]
+            texts.append(foil)
+    positive = torch.tensor([[caption_key(c) in keys[i] for c in texts] for i in range(len(items))])
     dense = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in items]))
-    return [it.image for it in items], captions, positive, dense
+    return [it.image for it in items], texts, positive, dense
 
 
 def _retrieval_rows(split: str, n: int, world_seed: int) -> list[dict]:
@@ -179,15 +211,18 @@ def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str]
         lr = lr_at(step, recipe)
         for group in opt.param_groups:
             group["lr"] = lr
-        images, captions, positive, dense = training_batch(step, recipe)
-        enc = text_tok(captions, padding=True, truncation=True, max_length=spec.max_text_len, return_tensors="pt").to(device)
+        images, texts, positive, dense = training_batch(step, recipe)
+        b = len(images)
+        enc = text_tok(texts, padding=True, truncation=True, max_length=spec.max_text_len, return_tensors="pt").to(device)
+        ids, mask = enc["input_ids"], enc["attention_mask"]
         positive = positive.to(device)
         vit, patches, image_feats = encode_images(model, pixel_values(images).to(device))
-        text_feats = encode_texts(model, enc["input_ids"], enc["attention_mask"])
+        text_feats = encode_texts(model, ids, mask)
         sim = itc_similarity(image_feats, text_feats)
         temperature = log_temp.exp().clamp(0.01, 0.5)
-        l_itc = itc_loss(sim, positive, temperature)
-        l_itm = itm_loss(model, vit, enc["input_ids"], enc["attention_mask"], sim.detach(), positive, generator)
+        l_itc = itc_loss(sim, positive, temperature, foils=len(texts) - b)
+        foil = {"foil_ids": ids[b:], "foil_mask": mask[b:]} if len(texts) > b else {}
+        l_itm = itm_loss(model, vit, ids[:b], mask[:b], sim[:, :b].detach(), positive[:, :b], generator, **foil)
         loss = l_itc + recipe.itm_weight * l_itm
         if recipe.aux_weight > 0:
             loss = loss + recipe.aux_weight * probe.loss(patches, dense.to(device))
@@ -274,9 +309,13 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         "",
         f"- parameters: {report['parameters']:,}; weights stored as {report.get('saved_dtype', 'float32')}",
         f"- architecture (`Blip2ForImageTextRetrieval`): {json.dumps(r['spec'])}",
-        f"- seed {r['seed']}, world seed {r['world_seed']}; stage 1 (ViT, dense per-patch labels) {r['vision_steps']} steps of"
+        f"- seed {r['seed']}, world seed {r['world_seed']}; stage 1 (ViT, dense per-patch labels"
+        + (f" with the object centre's column and row in {r['dense_position_bins']} bins each" if r.get("dense_position_bins") else "")
+        + f") {r['vision_steps']} steps of"
         f" batch {r['vision_batch_size']}; stage 2 (ITC + ITM + dense) {r['steps']} steps of batch {r['batch_size']}"
-        f" consecutive train items (twins together), one of five captions each",
+        f" consecutive train items (twins together), one of five {r.get('captions', 'reference')} captions each"
+        + (", and one foil caption per image (the same template, one attribute changed or two objects swapped)"
+           " as an extra ITC text and ITM negative" if r.get("foils") else ""),
         f"- AdamW lr {r['lr']}, betas {tuple(r['betas'])}, weight decay {r['weight_decay']}, {r['warmup']} warm-up steps then"
         f" cosine to {r['min_lr_ratio']} x lr, grad-norm clip {r['grad_clip']}; ITC temperature learned from"
         f" {r['temperature']} (final {report['temperature']:.4f}); ITM weight {r['itm_weight']}, dense weight {r['aux_weight']}",

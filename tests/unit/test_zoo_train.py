@@ -12,8 +12,8 @@ from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_llava import CAPTION_PROMPT, FOLLOWUP_VQA_PROMPT, VQA_PROMPT, ToyLlavaSpec, encode_examples
 from lmms_quant.zoo.train import (
     DENSE_CLASSES,
-    MIN_COVER,
     MENTION_CLASSES,
+    MIN_COVER,
     DenseProbe,
     Recipe,
     lr_at,

@@ -103,11 +103,18 @@ def _full(o: Obj) -> str:
     return f"{o.size} {o.colour} {o.shape}"
 
 
-def captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
-    """Five COCO-style captions in varied wording, all true of ``scene``."""
+def _caption_words(scene: Scene, rng: np.random.Generator) -> tuple[list[Obj], str, str]:
+    """A caption set's objects from left to right and its free words, drawn in this order:
+    ``image``/``picture``, then ``dark``/``black`` (background)."""
     objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
     pic = str(rng.choice(["image", "picture"]))
     bg = str(rng.choice(["dark", "black"]))
+    return objs, pic, bg
+
+
+def captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...]:
+    """Five COCO-style captions in varied wording, all true of ``scene``."""
+    objs, pic, bg = _caption_words(scene, rng)
     if len(objs) == 1:
         (o,) = objs
         caps = [
@@ -146,9 +153,7 @@ def retrieval_captions(scene: Scene, rng: np.random.Generator) -> tuple[str, ...
     Flickr30k's do, and the twin that differs in one attribute is told apart by every one.
     Words are the reference captions' own (the zoo's tokenizer covers them).
     """
-    objs = sorted(scene.objects, key=lambda o: (o.x, o.y))
-    pic = str(rng.choice(["image", "picture"]))
-    bg = str(rng.choice(["dark", "black"]))
+    objs, pic, bg = _caption_words(scene, rng)
     article = "an" if pic == "image" else "a"
     if len(objs) == 1:
         (o,) = objs

@@ -691,18 +691,16 @@ def training_md(report: dict, evaluation: dict | None) -> str:
     family = report.get("family", "llava")
     names = {"projector": "Q-Former"} if family == "blip-2" else {}
     blocks_note = "for the Q-Former: the linears of its layers" if family == "blip-2" else "the projector: its two linears"
-    start = (
-        f"Trained on the synthetic world (`lmms_quant.world`), starting from {r['init_from']}'s ViT and Q-Former"
-        " (BLIP-2's stage 1), by"
-        if r.get("init_from")
-        else "Trained from scratch on the synthetic world (`lmms_quant.world`) by"
-    )
     if r.get("init_from") in STARTING_POINTS:
         start = (
             "Trained on the synthetic world (`lmms_quant.world`), starting from the ViT and Q-Former (BLIP-2's stage 1)"
             f" of {r['init_from']}, a retrieval recipe in `STARTING_POINTS` (`lmms_quant/zoo/train.py`) that is not shipped"
             " and that the trainer retrains first (about 55 min on one thread), by"
         )
+    elif r.get("init_from"):
+        start = f"Trained on the synthetic world (`lmms_quant.world`), starting from {r['init_from']}'s ViT and Q-Former (BLIP-2's stage 1), by"
+    else:
+        start = "Trained from scratch on the synthetic world (`lmms_quant.world`) by"
     lines = [
         f"# {report['model']}",
         "",

@@ -136,9 +136,9 @@ def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch
     texts = [c[k] for c, k in zip(own, picks)]
     keys = [{caption_key(c) for c in captions} for captions in own]
     if recipe.foils:
-        for it, k, own in zip(items, picks, keys):
+        for it, k, true_keys in zip(items, picks, keys):
             foil = foil_captions(it, rng)[k]
-            while caption_key(foil) in own:  # a foil must be false of its image
+            while caption_key(foil) in true_keys:  # a foil must be false of its image
                 foil = foil_captions(it, rng)[k]
             texts.append(foil)
     positive = torch.tensor([[caption_key(c) in keys[i] for c in texts] for i in range(len(items))])

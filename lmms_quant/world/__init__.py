@@ -138,10 +138,12 @@ def make_item(split: str, index: int, seed: int = DEFAULT_SEED) -> Item:
     return Item(split, index, seed, scene, render(scene), caps, qs, retrieval)
 
 
-def foil_captions(item: Item, rng: np.random.Generator) -> tuple[str, ...]:
+def foil_captions(item: Item, rng: np.random.Generator, move: float = 0.0) -> tuple[str, ...]:
     """Hard negative texts for ``item``: the retrieval captions of a
-    :func:`~lmms_quant.world.scene.foil` of its scene (drawn with ``rng``), in the
-    item's own wording, so caption ``k`` of the result differs from the item's
-    caption ``k`` only where the foil changed the scene."""
+    :func:`~lmms_quant.world.scene.foil` of its scene (drawn with ``rng``; ``move``:
+    the chance that the foil moves one object instead), in the item's own wording,
+    so caption ``k`` of the result differs from the item's caption ``k`` only where
+    the foil changed the scene.  A moved object can stay in its region: such a
+    "foil" is true of the item, and callers that need a false text check."""
     wording = item_rng(item.seed, item.split, item.index, stream=_RETRIEVAL_STREAM)
-    return retrieval_captions(foil(item.scene, rng), wording)
+    return retrieval_captions(foil(item.scene, rng, move), wording)

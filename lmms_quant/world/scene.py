@@ -82,7 +82,7 @@ class Scene:
     objects: tuple[Obj, ...]
     background: int
     twin_of: int | None = None  # index of the scene this one was derived from
-    change: str | None = None  # "colour", "shape" or "size" for a twin; also "swap" for a foil
+    change: str | None = None  # "colour", "shape" or "size" for a twin; also "swap" or "move" for a foil
 
 
 def item_rng(seed: int, split: str, index: int, stream: int = 0) -> np.random.Generator:
@@ -186,13 +186,41 @@ def _twin(scene: Scene, rng: np.random.Generator, parent: int) -> Scene:
     raise RuntimeError("could not build a twin scene")
 
 
-def foil(scene: Scene, rng: np.random.Generator) -> Scene:
+def _moved(scene: Scene, rng: np.random.Generator) -> Scene | None:
+    """``scene`` with one object put somewhere else (placement re-checked), or None when
+    no try found room (a crowded scene of three); where it lands may or may not change
+    what a description says of the scene."""
+    for _ in range(_MAX_TRIES):
+        k = int(rng.integers(len(scene.objects)))
+        obj, others = scene.objects[k], list(scene.objects[:k] + scene.objects[k + 1 :])
+        h = obj.half
+        x, y = rng.uniform(h + 1, IMAGE_SIZE - h - 1, size=2)
+        new = replace(obj, x=round(float(x), 2), y=round(float(y), 2))
+        if _fits(new, others):
+            return Scene(objects=scene.objects[:k] + (new,) + scene.objects[k + 1 :], background=scene.background, change="move")
+    return None
+
+
+def foil(scene: Scene, rng: np.random.Generator, move: float = 0.0) -> Scene:
     """A scene that differs from ``scene`` in what a full description says, for hard
     negative texts (FOIL-COCO's idea): one attribute of one object changed, as a twin,
     or (with two or more objects, one time in four) two objects' attributes swapped
     in place, which swaps them in every relation.  Only its texts are meant to be
     used: a swapped scene may not satisfy the placement rules, so it is not rendered.
+
+    With probability ``move`` (in [0, 1]; drawn only when positive, so ``move=0``
+    consumes ``rng`` as before) one object is moved instead, which changes a single
+    object's region or the relations and order of several (where no place fits, the
+    foil changes an attribute or swaps instead).  A move can leave every description
+    as it was (the same region, or the only order a crowded scene allows): callers
+    that need a false text check it.
     """
+    if not 0.0 <= move <= 1.0:
+        raise ValueError(f"move is a probability in [0, 1], got {move}")
+    if move > 0 and rng.random() < move:
+        moved = _moved(scene, rng)
+        if moved is not None:
+            return moved
     if len(scene.objects) >= 2 and rng.random() < 0.25:
         i, j = (int(k) for k in rng.choice(len(scene.objects), size=2, replace=False))
         a, b = scene.objects[i], scene.objects[j]

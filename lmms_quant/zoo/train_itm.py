@@ -96,6 +96,7 @@ class ItmRecipe(Schedule):
     temperature: float = 0.07  # initial ITC temperature (learned, clamped to [0.01, 0.5], as BLIP)
     itm_weight: float = 1.0
     foils: bool = True  # one foil caption per image (world.foil_captions): an extra ITC text and ITM negative
+    foil_moves: float = 0.0  # the chance that a foil moves one object (a region or relation changes) instead
     # which of each image's texts it trains on: "retrieval" (Item.retrieval_captions, what the retrieval
     # task scores) or "reference" (Item.captions, the captioning references; the first toy-blip2-itm's)
     captions: str = "retrieval"
@@ -114,6 +115,13 @@ class ItmRecipe(Schedule):
             raise ValueError(f"captions must be one of {sorted(CAPTION_SETS)}, got {self.captions!r}")
         if self.foils and self.captions != "retrieval":
             raise ValueError("foils are retrieval captions of a changed scene: they need captions='retrieval'")
+        if not 0.0 <= self.foil_moves <= 1.0:
+            raise ValueError(f"foil_moves is a probability in [0, 1], got {self.foil_moves}")
+        if self.foil_moves and not self.foils:
+            raise ValueError("foil_moves shapes the foil captions: it needs foils=True")
+
+
+_FOIL_MOVE_TRIES = 64  # draws of a moved foil before an image's foil changes an attribute instead
 
 
 def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch.Tensor, torch.Tensor]:
@@ -123,7 +131,8 @@ def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch
     captions (``recipe.captions``: by default the retrieval captions, the ones the
     retrieval task scores) and then, with
     ``recipe.foils``, one foil caption per image: the same template for a scene with
-    one attribute changed or two objects swapped (:func:`lmms_quant.world.foil_captions`).
+    one attribute changed, two objects swapped or (``recipe.foil_moves``) one object
+    moved (:func:`lmms_quant.world.foil_captions`).
     ``positive`` is ``(B, len(texts))``: ``positive[i, t]`` where text ``t`` is one of
     image ``i``'s captions (up to the world's free word choices).
     """
@@ -137,9 +146,10 @@ def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch
     keys = [{caption_key(c) for c in captions} for captions in own]
     if recipe.foils:
         for it, k, true_keys in zip(items, picks, keys):
-            foil = foil_captions(it, rng)[k]
-            while caption_key(foil) in true_keys:  # a foil must be false of its image
-                foil = foil_captions(it, rng)[k]
+            foil, tries = foil_captions(it, rng, recipe.foil_moves)[k], 1
+            while caption_key(foil) in true_keys:  # a foil must be false of its image (a moved object can stay put)
+                # some layouts leave no place where a move changes the description: then attributes or a swap
+                foil, tries = foil_captions(it, rng, recipe.foil_moves if tries < _FOIL_MOVE_TRIES else 0.0)[k], tries + 1
             texts.append(foil)
     positive = torch.tensor([[caption_key(c) in keys[i] for c in texts] for i in range(len(items))])
     dense = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in items]))
@@ -314,8 +324,9 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         + f") {r['vision_steps']} steps of"
         f" batch {r['vision_batch_size']}; stage 2 (ITC + ITM + dense) {r['steps']} steps of batch {r['batch_size']}"
         f" consecutive train items (twins together), one of five {r.get('captions', 'reference')} captions each"
-        + (", and one foil caption per image (the same template, one attribute changed or two objects swapped)"
-           " as an extra ITC text and ITM negative" if r.get("foils") else ""),
+        + (", and one foil caption per image (the same template, one attribute changed or two objects swapped"
+           + (f"; {r['foil_moves']:.0%} of them move an object instead" if r.get("foil_moves") else "")
+           + ") as an extra ITC text and ITM negative" if r.get("foils") else ""),
         f"- AdamW lr {r['lr']}, betas {tuple(r['betas'])}, weight decay {r['weight_decay']}, {r['warmup']} warm-up steps then"
         f" cosine to {r['min_lr_ratio']} x lr, grad-norm clip {r['grad_clip']}; ITC temperature learned from"
         f" {r['temperature']} (final {report['temperature']:.4f}); ITM weight {r['itm_weight']}, dense weight {r['aux_weight']}",

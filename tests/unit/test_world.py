@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 
 from lmms_quant.metrics.vqa import normalize_answer, vqa_accuracy
-from lmms_quant.world import KIND_OF_QUESTION_TYPE, SPLITS, make_item
+from lmms_quant.world import COLOURS, KIND_OF_QUESTION_TYPE, SHAPES, SPLITS, make_item
 from lmms_quant.world.export import DEFAULT_COUNTS, caption_row, export, retrieval_rows, vqa_rows
 from lmms_quant.world.scene import relation
 
@@ -221,3 +222,49 @@ def test_foil_captions_are_false_and_keep_the_wording() -> None:
         for mine, other in zip(item.retrieval_captions, foils):
             assert len(mine.split()) == len(other.split())  # the same template and free words
     assert swaps and changes
+
+
+def test_moved_foils_move_one_object_and_mostly_change_the_description() -> None:
+    from lmms_quant.world import foil_captions
+    from lmms_quant.world.scene import _fits, foil
+
+    words = {"small", "large", *COLOURS, *SHAPES}
+    changed = 0
+    for i in range(60):
+        item = make_item("train", i)
+        scene = foil(item.scene, np.random.default_rng(i), move=1.0)
+        assert scene.change == "move" and len(scene.objects) == len(item.scene.objects)
+        diff = [k for k, (a, b) in enumerate(zip(item.scene.objects, scene.objects)) if a != b]
+        assert len(diff) == 1  # one object, and only where it is
+        (k,) = diff
+        old, new = item.scene.objects[k], scene.objects[k]
+        assert (old.shape, old.colour, old.size, old.rgb) == (new.shape, new.colour, new.size, new.rgb)
+        assert (old.x, old.y) != (new.x, new.y)
+        assert _fits(new, [o for j, o in enumerate(scene.objects) if j != k])  # still a valid placement
+        foils = foil_captions(item, np.random.default_rng(i), move=1.0)
+        for mine, other in zip(item.retrieval_captions, foils):  # the same objects, said in the same words
+            assert set(re.findall("[a-z]+", mine)) & words == set(re.findall("[a-z]+", other)) & words
+        changed += foils != item.retrieval_captions
+    # a move can keep an object in its region (then the "foil" is true and callers draw again), but mostly it does not
+    assert 30 <= changed < 60, changed
+
+
+def test_foil_move_must_be_a_probability() -> None:
+    from lmms_quant.world.scene import foil
+
+    with pytest.raises(ValueError, match=r"move is a probability in \[0, 1\], got 1.5"):
+        foil(make_item("train", 0).scene, np.random.default_rng(0), move=1.5)
+
+
+def test_a_foil_with_no_place_to_move_changes_an_attribute_instead(monkeypatch) -> None:
+    from lmms_quant.world import scene as world_scene
+
+    item = make_item("train", 0)
+    with monkeypatch.context() as m:  # a layout with no room: every place collides or blurs a relation
+        m.setattr(world_scene, "_fits", lambda new, placed: False)
+        assert world_scene._moved(item.scene, np.random.default_rng(0)) is None
+    monkeypatch.setattr(world_scene, "_moved", lambda scene, rng: None)
+    out = world_scene.foil(item.scene, np.random.default_rng(1), move=1.0)
+    rng = np.random.default_rng(1)
+    rng.random()  # the draw that chose to move
+    assert out == world_scene.foil(item.scene, rng) and out.change in ("colour", "shape", "size", "swap")

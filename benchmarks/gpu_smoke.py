@@ -31,7 +31,7 @@ def main() -> None:
     path = save_tiny_llava(Path(tempfile.mkdtemp()) / "tiny-llava")
     for method, extra in (("rtn", {}), ("gptq", {}), ("awq", {"group_size": 16})):
         v = load_vlm(str(path), device="cuda", dtype="bfloat16")
-        calib = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=16), "cuda", torch.bfloat16)
+        calib = build_calibration_set(v.processor, v.family, CalibrationSpec(source="world", samples=16), "cuda", torch.bfloat16)
         t0 = time.perf_counter()
         report = quantize_(v.model, recipe_from_args({"method": method, "bits_llm": 3, "bits_vit": 4, **extra}), calibration=calib)
         torch.cuda.synchronize()

@@ -26,6 +26,7 @@ from torch import nn
 
 from .bpw import bits_per_weight
 from .calibration import INPUT_SCALE_BUFFER, CalibrationSet, attach_input_scale, qparams_of, run_calibrated
+from .errors import CheckError
 from .plan import LayerTarget, QuantPlan, plan
 from .quantizers.rtn import rtn_quantize
 from .recipe import Recipe
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 DATA_FREE_METHODS = ("uniform", "rtn")
 
 
-class QuantizationCheckError(RuntimeError):
+class QuantizationCheckError(CheckError):
     """A weight that should be quantized has more distinct values than its bit width allows."""
 
 

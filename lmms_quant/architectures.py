@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["ComponentMap", "Architecture", "ARCHITECTURES", "LANGUAGE_MODELS", "ATTN_PATTERN", "MLP_PATTERN", "architecture_for"]
+__all__ = ["ComponentMap", "Architecture", "ARCHITECTURES", "LANGUAGE_MODELS", "BLOCK_CARRIES", "ATTN_PATTERN", "MLP_PATTERN", "architecture_for"]
 
 #: Block-relative Linear names that belong to attention.
 ATTN_PATTERN = r"^(self_attn|attention|crossattention|attn|self_attention|layer\.\d+\.(SelfAttention|EncDecAttention))\."
@@ -197,6 +197,12 @@ _T5 = (
     _m("layer.2.layer_norm", "layer.2.DenseReluDense.wi", "layer.2.DenseReluDense.wi_0", "layer.2.DenseReluDense.wi_1", inspect="layer.2.DenseReluDense"),
     _m(None, "layer.2.DenseReluDense.wo"),
 )
+
+#: Block class name -> {output index: positional input index}: what a block returns that the next block of
+#: its list takes as input besides the hidden states.  T5's stack computes the relative position biases
+#: (self-attention, and cross-attention in the decoder) in its first block and hands them on; a driver that
+#: runs the blocks one by one must do the same, or every later block attends without position bias.
+BLOCK_CARRIES: dict[str, dict[int, int]] = {"T5Block": {1: 2, 2: 5}}
 
 #: Block class name -> AWQ mappings.  A block class missing here cannot use AWQ.
 AWQ_MAPPINGS: dict[str, tuple[AWQMapping, ...]] = {

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .architectures import AWQ_MAPPINGS, AWQMapping
+from .architectures import AWQ_MAPPINGS, BLOCK_CARRIES, AWQMapping
 from .plan import LayerTarget, QuantPlan
 from .quantizers import awq as awq_q
 from .quantizers import gptq as gptq_q
@@ -62,14 +62,19 @@ class CalibrationSet:
     seed: int
     max_seq_len: int
     warnings: list[str] = field(default_factory=list)
+    #: For a ``datasets`` source: id, split, revision, fingerprint, columns, row count and the drawn samples' hash.
+    dataset: dict[str, Any] | None = None
 
     @property
     def sha256(self) -> str:
         return calibration_hash(self.batches)
 
     def describe(self) -> dict[str, Any]:
-        return {"source": self.source, "samples": self.n_samples, "seed": self.seed, "max_seq_len": self.max_seq_len,
-                "sha256": self.sha256, "warnings": list(self.warnings)}
+        out = {"source": self.source, "samples": self.n_samples, "seed": self.seed, "max_seq_len": self.max_seq_len,
+               "sha256": self.sha256, "warnings": list(self.warnings)}
+        if self.dataset is not None:
+            out["dataset"] = dict(self.dataset)
+        return out
 
 
 def calibration_hash(batches: Sequence[dict[str, torch.Tensor]]) -> str:
@@ -147,21 +152,24 @@ def _capture_first_block_inputs(model: nn.Module, block: nn.Module, batches: Seq
     return captured
 
 
-def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[torch.Tensor]:
-    outs = []
+def _run_block(block: nn.Module, inputs: list[tuple[tuple, dict]]) -> list[Any]:
+    """The block's outputs (as it returns them) on each captured input."""
     with torch.no_grad():
-        for args, kwargs in inputs:
-            out = block(*args, **kwargs)
-            outs.append(out[0] if isinstance(out, (tuple, list)) else out)
-    return outs
+        return [block(*args, **kwargs) for args, kwargs in inputs]
 
 
-def _with_hidden(inp: tuple[tuple, dict], hidden: torch.Tensor) -> tuple[tuple, dict]:
+def _next_inputs(block: nn.Module, inp: tuple[tuple, dict], out: Any) -> tuple[tuple, dict]:
+    """The next block's inputs: ``inp`` with the hidden states (and what :data:`BLOCK_CARRIES` names) from ``out``."""
+    hidden = out[0] if isinstance(out, (tuple, list)) else out
     args, kwargs = inp
-    if args:
-        return (hidden, *args[1:]), kwargs
-    key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
-    return args, {**kwargs, key: hidden}
+    if not args:
+        key = "hidden_states" if "hidden_states" in kwargs else next(iter(kwargs))
+        return args, {**kwargs, key: hidden}
+    args = [hidden, *args[1:]]
+    for out_i, arg_i in BLOCK_CARRIES.get(type(block).__name__, {}).items():
+        if isinstance(out, (tuple, list)) and out_i < len(out) and out[out_i] is not None and arg_i < len(args):
+            args[arg_i] = out[out_i]
+    return tuple(args), kwargs
 
 
 def _segments(qplan: QuantPlan, modules: dict[str, nn.Module]) -> list[list[str]]:
@@ -213,7 +221,7 @@ def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *,
                 _quantize_block(block, bpath, targets, inputs, info, gptq_blocksize, awq_grid)
             if i < last_needed:
                 outs = _run_block(block, inputs)
-                inputs = [_with_hidden(inp, out) for inp, out in zip(inputs, outs)]
+                inputs = [_next_inputs(block, inp, out) for inp, out in zip(inputs, outs)]
         del inputs
     model.train(model_was_training)
     return info

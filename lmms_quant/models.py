@@ -12,6 +12,7 @@ no chat template.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,10 @@ from typing import Any
 import torch
 
 from .architectures import ARCHITECTURES
+from .errors import ConfigurationError
 
-__all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "format_prompt", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype"]
+__all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "format_prompt", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype",
+           "is_encoder_decoder", "is_bundled", "check_device", "ModelNotFoundError"]
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,13 @@ def format_prompt(processor, family: str, text: str, n_images: int) -> str:
     return fmt.format(prompt=text)
 
 
+def is_encoder_decoder(model) -> bool:
+    """True when the model's language model is an encoder-decoder (BLIP-2 with Flan-T5)."""
+    config = getattr(model, "config", None)
+    lm_config = getattr(config, "text_config", None) or config
+    return bool(getattr(lm_config, "is_encoder_decoder", False))
+
+
 def zoo_models() -> list[str]:
     """Names of the bundled models: trained ones shipped in the zoo, and built-in random ones."""
     from .builtin_models import BUILTIN_MODELS
@@ -97,6 +107,36 @@ def _builtin_path(name: str) -> Path:
     return path
 
 
+class ModelNotFoundError(ConfigurationError, FileNotFoundError):
+    """``pretrained`` names no bundled model, local folder or hub id that can be used."""
+
+
+def is_bundled(pretrained: str | None) -> bool:
+    """True for the default model, a shipped zoo model or a built-in random model (the toys)."""
+    from .builtin_models import BUILTIN_MODELS
+
+    name = pretrained or DEFAULT_MODEL
+    return name in BUILTIN_MODELS or ("/" not in name and (ZOO_DIR / name / "config.json").is_file())
+
+
+def check_device(device: str | None) -> str:
+    """The device to run on: ``device`` checked against what this machine has (default: cuda if available, else cpu)."""
+    if device in (None, "", "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    text = str(device)
+    if not re.fullmatch(r"cpu|cuda(:\d+)?|mps", text):
+        raise ConfigurationError(f"unknown device {text!r}; valid: cpu, cuda, cuda:N, mps, auto")
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigurationError(f"device={text} but this machine has no CUDA device; valid here: cpu")
+        index = int(text.split(":")[1]) if ":" in text else 0
+        if index >= torch.cuda.device_count():
+            raise ConfigurationError(f"device={text} but this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if text == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigurationError("device=mps but MPS is not available here; valid here: cpu")
+    return text
+
+
 def resolve_pretrained(pretrained: str | None) -> tuple[str, str]:
     """``(name, path_or_hub_id)`` for a zoo name, a built-in name, a local folder or a hub id."""
     from .builtin_models import BUILTIN_MODELS
@@ -107,11 +147,11 @@ def resolve_pretrained(pretrained: str | None) -> tuple[str, str]:
     if name in BUILTIN_MODELS:
         return name, str(_builtin_path(name))
     if pretrained is None:
-        raise FileNotFoundError(f"the default model {DEFAULT_MODEL!r} is missing from {ZOO_DIR}; bundled: {zoo_models()}")
+        raise ModelNotFoundError(f"the default model {DEFAULT_MODEL!r} is missing from {ZOO_DIR}; bundled: {zoo_models()}")
     if Path(name).is_dir():
         return Path(name).name, str(Path(name).resolve())
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise FileNotFoundError(
+        raise ModelNotFoundError(
             f"pretrained={name!r}: no such folder; give a local checkpoint folder, a hub id (org/name) or a bundled model: {zoo_models()}"
         )
     return name, name
@@ -125,7 +165,7 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
         return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
     key = str(dtype).lower().replace("torch.", "")
     if key not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
+        raise ConfigurationError(f"unknown dtype {dtype!r}; valid: auto, {', '.join(DTYPES)}")
     return DTYPES[key]
 
 

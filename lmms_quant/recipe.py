@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigurationError
+
 __all__ = [
     "COMPONENTS",
     "METHODS",
@@ -30,6 +32,7 @@ __all__ = [
     "LayerRule",
     "ComponentRecipe",
     "CalibrationSpec",
+    "DEFAULT_HUB_CALIBRATION",
     "Recipe",
     "recipe_from_args",
     "load_recipe",
@@ -50,11 +53,15 @@ METHODS = tuple(METHOD_DEFAULTS)
 #: GPTQ's damping default: a fraction of the Hessian's mean diagonal (the reference code's ``percdamp``).
 DEFAULT_DAMP = 0.01
 LAYER_SETS = ("all", "attn", "mlp")
-CALIB_SOURCES = ("world", "task", "text")
+CALIB_SOURCES = ("auto", "world", "task", "text")
+#: The calibration set ``calib_source=auto`` gives a model that is not a bundled toy: llm-compressor's VLM examples'
+#: choice (image + caption; 31,783 Flickr30k images in one ``test`` split).
+DEFAULT_HUB_CALIBRATION = {"source": "lmms-lab/flickr30k", "split": "test"}
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 BLOCK_THIRDS = ("front", "middle", "end")
 
 
-class RecipeError(ValueError):
+class RecipeError(ConfigurationError):
     """A recipe is invalid.  The message names the problem and the valid choices."""
 
 
@@ -240,23 +247,53 @@ class ComponentRecipe:
 class CalibrationSpec:
     """Calibration data for GPTQ and AWQ.
 
-    ``source``: ``world`` (the bundled calibration split, the default),
-    ``task`` (the evaluated task's own documents: the study's protocol; it
-    overlaps the test split), ``text`` (text only), or a path to a JSONL file.
+    ``source``:
+
+    * ``auto`` (the default): ``world`` for the bundled toy models, else
+      :data:`DEFAULT_HUB_CALIBRATION` (a real image-caption set), resolved when the model is known;
+    * ``world`` (the bundled calibration split of the synthetic world), ``task`` (the evaluated
+      task's own documents: the study's protocol; it overlaps the test split), ``text`` (text only);
+    * a JSONL file of our task schema;
+    * a ``datasets`` source: a hub id (``lmms-lab/flickr30k``), a folder written by
+      ``save_to_disk``, a parquet file or folder of parquet files, or an image folder with a
+      ``metadata.jsonl`` / ``metadata.csv`` captions file (``datasets``' ``imagefolder``).
+
+    ``split``, ``image_column``, ``text_column``, ``question_column`` and ``revision`` apply to
+    ``datasets`` sources; columns are inferred where obvious (an ``Image`` feature; ``caption``,
+    ``text``, ``answer``...; ``question``) and a named column that is missing is an error.
     """
 
-    source: str = "world"
+    source: str = "auto"
     samples: int = 128
     seed: int = 42
     max_seq_len: int = 512
+    split: str | None = None
+    image_column: str | None = None
+    text_column: str | None = None
+    question_column: str | None = None
+    revision: str | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in CALIB_SOURCES and not Path(self.source).expanduser().is_file():
-            raise RecipeError(f"calib_source {self.source!r} is neither one of {_choices(CALIB_SOURCES)} nor an existing JSONL file")
+        if not isinstance(self.source, str) or not self.source:
+            raise RecipeError(f"calib_source must be a non-empty string, got {self.source!r}")
+        if self.source not in CALIB_SOURCES and not Path(self.source).expanduser().exists() and not _HUB_ID.fullmatch(self.source):
+            raise RecipeError(
+                f"calib_source {self.source!r} is neither one of {_choices(CALIB_SOURCES)}, an existing local path "
+                "(JSONL file, parquet file or folder, save_to_disk folder, image folder) nor a hub dataset id (org/name)"
+            )
         if self.samples < 1:
             raise RecipeError(f"calib_samples must be >= 1, got {self.samples}")
         if self.max_seq_len < 1:
             raise RecipeError(f"calib_max_seq_len must be >= 1, got {self.max_seq_len}")
+        for key in ("split", "image_column", "text_column", "question_column", "revision"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise RecipeError(f"calib_{key} must be a non-empty string, got {value!r}")
+
+    @property
+    def is_dataset(self) -> bool:
+        """A ``datasets`` source (hub id or local dataset), not one of the named sources or a JSONL file."""
+        return self.source not in CALIB_SOURCES and not self.source.endswith(".jsonl")
 
 
 @dataclass(frozen=True)
@@ -330,7 +367,8 @@ class Recipe:
 
 _SPEC_KEYS = ("bits", "method", "group_size", "sym", "quantize_bias", "act_order", "static_groups", "damp")
 _GPTQ_ONLY_KEYS = ("act_order", "static_groups", "damp")
-_CALIB_KEYS = {"calib_source": "source", "calib_samples": "samples", "calib_seed": "seed", "calib_max_seq_len": "max_seq_len"}
+_CALIB_FIELDS = ("source", "samples", "seed", "max_seq_len", "split", "image_column", "text_column", "question_column", "revision")
+_CALIB_KEYS = {f"calib_{f}": f for f in _CALIB_FIELDS}
 #: Every key --model_args may carry for the recipe.
 RECIPE_ARG_KEYS = tuple(
     [*_SPEC_KEYS, *(f"{k}_{c}" for k in _SPEC_KEYS for c in COMPONENTS), *(f"blocks_{c}" for c in COMPONENTS),
@@ -392,6 +430,9 @@ def recipe_from_args(args: Mapping[str, Any]) -> Recipe:
         base = _read_yaml(args["recipe"])
     data = _merge_flat_into_mapping(base, {k: v for k, v in args.items() if k != "recipe"})
     return _recipe_from_mapping(data, where=str(args.get("recipe") or "model_args"))
+
+#: The model_args that choose how to quantize but not how many bits: alone they would quantize nothing.
+METHOD_ARG_KEYS = tuple(k for k in RECIPE_ARG_KEYS if not k.startswith(("bits", "blocks_", "layers_")) and k not in ("recipe", "seed"))
 
 
 def _merge_flat_into_mapping(base: Mapping[str, Any], flat: Mapping[str, Any]) -> dict[str, Any]:
@@ -468,13 +509,14 @@ def _recipe_from_mapping(data: Mapping[str, Any], where: str) -> Recipe:
         skip = (skip,)
     calib = data.get("calibration") or {}
     if not isinstance(calib, Mapping):
-        raise RecipeError(f"{where}: calibration must be a mapping of source, samples, seed, max_seq_len")
-    bad = sorted(set(calib) - {"source", "samples", "seed", "max_seq_len"})
+        raise RecipeError(f"{where}: calibration must be a mapping of {', '.join(_CALIB_FIELDS)}")
+    bad = sorted(set(calib) - set(_CALIB_FIELDS))
     if bad:
-        raise RecipeError(f"{where}: calibration: unknown key(s) {bad}; valid: source, samples, seed, max_seq_len")
+        raise RecipeError(f"{where}: calibration: unknown key(s) {bad}; valid: {', '.join(_CALIB_FIELDS)}")
     calibration = CalibrationSpec(
-        source=str(calib.get("source", "world")),
+        source=str(calib.get("source", "auto")),
         **{k: _check_int(calib[k], f"{where}: calibration.{k}") for k in ("samples", "seed", "max_seq_len") if k in calib},
+        **{k: (None if calib[k] is None else str(calib[k])) for k in _CALIB_FIELDS[4:] if k in calib},
     )
     patterns = data.get("component_patterns")
     return Recipe(

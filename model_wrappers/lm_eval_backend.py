@@ -35,6 +35,7 @@ so ``--model quant_llm`` works through ``lmms-quant lm-eval`` (which imports
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -50,9 +51,13 @@ from torch import nn
 from lmms_quant.apply import quantize_
 from lmms_quant.architectures import ARCHITECTURES
 from lmms_quant.cache import default_cache_dir
-from lmms_quant.models import load_vlm, resolve_dtype, resolve_pretrained
+from lmms_quant.calibration_data import build_calibration_set, load_calibration_rows, resolve_source
+from lmms_quant.errors import ConfigurationError as LmmsQuantConfigurationError
+from lmms_quant.models import is_bundled, is_encoder_decoder, load_vlm, resolve_dtype, resolve_pretrained
 from lmms_quant.provenance import METADATA_KEY, library_versions
 from lmms_quant.recipe import RECIPE_ARG_KEYS, RecipeError, recipe_from_args
+
+from .exits import exit_on_error
 
 __all__ = ["MODEL_NAME", "QuantLLM", "ConfigurationError", "LoadedLM", "language_model_of", "load_language_model"]
 
@@ -68,14 +73,14 @@ HFLM_ARG_KEYS = ("batch_size", "max_batch_size", "max_length", "add_bos_token", 
                  "logits_cache", "softmax_dtype")
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(LmmsQuantConfigurationError):
     """Bad ``--model_args``; raised before anything is loaded where possible.
 
-    lm-eval's CLI lets exceptions through, so the process exits non-zero.
+    Through the backend, it ends the process with exit status 2 and one line (:mod:`.exits`).
     """
 
     def __init__(self, message: str) -> None:
-        super().__init__(f"lmms-quant: invalid --model_args for {MODEL_NAME}: {message}")
+        super().__init__(f"invalid --model_args for {MODEL_NAME}: {message}")
         self.message = message
 
 
@@ -197,11 +202,10 @@ def _resolve_device(device: str | None) -> str:
     return str(device)
 
 
-def _calibration_set(loaded: LoadedLM, recipe):
+def _calibration_set(loaded: LoadedLM, recipe, rows=None):
     """The calibration set ``quant_vlm`` builds for the same recipe (same records, prompts and processor)."""
-    from lmms_quant.calibration_data import build_calibration_set
-
-    return build_calibration_set(loaded.processor, loaded.family, recipe.calibration, loaded.lm.device, loaded.lm.dtype)
+    return build_calibration_set(loaded.processor, loaded.family, rows or recipe.calibration, loaded.lm.device, loaded.lm.dtype,
+                                 encoder_decoder=is_encoder_decoder(loaded.model))
 
 
 @register_model(MODEL_NAME)
@@ -216,6 +220,22 @@ class QuantLLM(HFLM):
     """
 
     def __init__(self, pretrained: str | nn.Module | None = None, **kwargs: Any) -> None:
+        with exit_on_error("model load"):
+            self._setup(pretrained, **kwargs)
+
+    def loglikelihood(self, requests, *args, **kwargs):
+        with exit_on_error("evaluation (loglikelihood)"):
+            return super().loglikelihood(requests, *args, **kwargs)
+
+    def loglikelihood_rolling(self, requests, *args, **kwargs):
+        with exit_on_error("evaluation (loglikelihood_rolling)"):
+            return super().loglikelihood_rolling(requests, *args, **kwargs)
+
+    def generate_until(self, requests, *args, **kwargs):
+        with exit_on_error("evaluation (generate_until)"):
+            return super().generate_until(requests, *args, **kwargs)
+
+    def _setup(self, pretrained: str | nn.Module | None = None, **kwargs: Any) -> None:
         unknown = sorted(set(kwargs) - set(BACKEND_ARG_KEYS) - set(HFLM_ARG_KEYS) - set(RECIPE_ARG_KEYS))
         if unknown:
             raise ConfigurationError(
@@ -228,7 +248,16 @@ class QuantLLM(HFLM):
             raise ConfigurationError(str(exc)) from None
         if recipe.needs_calibration and recipe.calibration.source == "task":
             raise ConfigurationError("calib_source=task calibrates on an lmms-eval task's images and prompts; "
-                                     "with quant_llm use calib_source=world (default), text or a JSONL file")
+                                     "with quant_llm use calib_source=world, text, a JSONL file or a datasets source")
+        try:
+            resolve_dtype(kwargs.get("dtype", "auto"), "cpu")
+        except ValueError as exc:
+            raise ConfigurationError(str(exc)) from None
+        calib_rows = None
+        if recipe.needs_calibration and isinstance(pretrained, (str, type(None))):
+            spec = resolve_source(recipe.calibration, pretrained, is_bundled(pretrained))
+            recipe = dataclasses.replace(recipe, calibration=spec)
+            calib_rows = load_calibration_rows(spec, model_name=pretrained)
         device = _resolve_device(kwargs.get("device"))
         torch.manual_seed(recipe.seed)
 
@@ -250,7 +279,7 @@ class QuantLLM(HFLM):
         cache_dir = (kwargs.get("cache_dir") or default_cache_dir()) if bool(kwargs.get("cache", True)) else None
         t0 = time.perf_counter()
         try:
-            report = quantize_(loaded.model, recipe, calibration=lambda: _calibration_set(loaded, recipe),
+            report = quantize_(loaded.model, recipe, calibration=lambda: _calibration_set(loaded, recipe, calib_rows),
                                check=bool(kwargs.get("verify", True)), cache_dir=cache_dir)
         except RecipeError as exc:
             raise ConfigurationError(str(exc)) from None

@@ -11,6 +11,7 @@ JSON under the key ``lmms_quant`` (see :mod:`lmms_quant.model_wrappers.plugin`).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -24,11 +25,13 @@ from tqdm import tqdm
 from lmms_quant.apply import quantize_
 from lmms_quant.cache import default_cache_dir
 from lmms_quant.calibration import CalibrationSet
-from lmms_quant.calibration_data import build_calibration_set
+from lmms_quant.calibration_data import build_calibration_set, load_calibration_rows, resolve_source
 from lmms_quant.checkpoints import AlreadyQuantizedError, ensure_not_quantized
-from lmms_quant.models import format_prompt, load_vlm
+from lmms_quant.models import check_device, format_prompt, is_bundled, is_encoder_decoder, load_vlm, resolve_dtype, resolve_pretrained
 from lmms_quant.provenance import library_versions
-from lmms_quant.recipe import RECIPE_ARG_KEYS, RecipeError, recipe_from_args
+from lmms_quant.recipe import METHOD_ARG_KEYS, RECIPE_ARG_KEYS, RecipeError, recipe_from_args
+
+from .exits import ConfigurationExit, exit_on_error
 
 log = logging.getLogger(__name__)
 
@@ -42,21 +45,12 @@ BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "
 PASSED_GEN_KWARGS = ("min_length", "min_new_tokens", "length_penalty", "repetition_penalty", "no_repeat_ngram_size", "top_k")
 
 
-class ConfigurationExit(SystemExit):
-    """Bad ``--model_args``: stops the run with a non-zero exit status and a clear message.
-
-    It derives from SystemExit because lmms-eval's CLI catches every Exception
-    and still exits 0; a configuration error must fail the process.  Python API
-    callers can catch it like any exception (``except ConfigurationExit``).
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(f"lmms-quant: invalid --model_args: {message}")
-        self.message = message
-
-
 class QuantVLM(lmms):
-    """Per-component quantized VLM backend (a "simple" lmms-eval model)."""
+    """Per-component quantized VLM backend (a "simple" lmms-eval model).
+
+    Every error of loading, quantizing or evaluating ends the process with one line and a
+    non-zero status (:mod:`lmms_quant.model_wrappers.exits`), through plain ``lmms-eval`` too.
+    """
 
     is_simple = True
     #: Metadata of the most recently built instance; written into the results JSON.
@@ -64,6 +58,11 @@ class QuantVLM(lmms):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
+        with exit_on_error("model load"):
+            self._setup(**kwargs)
+
+    def _parse(self, kwargs: dict[str, Any]) -> str:
+        """Check every model_arg before anything loads; returns the device."""
         unknown = sorted(set(kwargs) - set(BACKEND_ARG_KEYS) - set(RECIPE_ARG_KEYS))
         if unknown:
             raise ConfigurationExit(
@@ -76,12 +75,34 @@ class QuantVLM(lmms):
             bs = kwargs.get("batch_size")
             self.batch_size_per_gpu = 1 if bs in (None, "") else int(bs)
             self.max_new_tokens = int(kwargs.get("max_new_tokens", 64))
-        except (RecipeError, ValueError) as exc:
+            device = check_device(kwargs.get("device"))
+            resolve_dtype(kwargs.get("dtype", "auto"), device)
+        except ValueError as exc:
             raise ConfigurationExit(str(exc)) from None
         if self.batch_size_per_gpu < 1:
             raise ConfigurationExit(f"batch_size must be >= 1, got {self.batch_size_per_gpu}")
-        device = str(kwargs.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+        widths = [k for k in kwargs if k.startswith("bits") or k == "recipe"]
+        if self.recipe.is_noop and not widths and any(k in kwargs for k in METHOD_ARG_KEYS):
+            given = sorted(k for k in kwargs if k in METHOD_ARG_KEYS)
+            raise ConfigurationExit(
+                f"{', '.join(given)} given but no component has a bit width, so nothing would be quantized; "
+                "set bits (all components) or bits_vit / bits_connector / bits_llm (2-8), or drop the method"
+            )
+        return device
+
+    def _setup(self, **kwargs: Any) -> None:
+        device = self._parse(kwargs)
         torch.manual_seed(self.recipe.seed)
+        name, _ = resolve_pretrained(kwargs.get("pretrained"))
+        calib_rows = None
+        if self.recipe.needs_calibration and self.recipe.calibration.source != "task":
+            # resolve calib_source=auto and read the calibration data before the model loads
+            spec = resolve_source(self.recipe.calibration, name, is_bundled(kwargs.get("pretrained")))
+            self.recipe = dataclasses.replace(self.recipe, calibration=spec)
+            try:
+                calib_rows = load_calibration_rows(spec, model_name=name)
+            except ValueError as exc:
+                raise ConfigurationExit(str(exc)) from None
 
         t0 = time.perf_counter()
         loaded = load_vlm(
@@ -97,6 +118,7 @@ class QuantVLM(lmms):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         self._device = next(self._model.parameters()).device
+        self._encoder_decoder = is_encoder_decoder(self._model)
         self._loaded = loaded
         self._revision = kwargs.get("revision")
         self._verify = bool(kwargs.get("verify", True))
@@ -120,8 +142,8 @@ class QuantVLM(lmms):
             log.warning("calib_source=task: calibrating on the evaluated task's own documents (the study's protocol); "
                         "the calibration set overlaps the test split. Quantization happens when the first requests arrive.")
         else:
-            self._quantize(lambda: build_calibration_set(self.processor, self.family, self.recipe.calibration,
-                                                         self._device, self._model.dtype))
+            self._quantize(lambda: build_calibration_set(self.processor, self.family, calib_rows or self.recipe.calibration,
+                                                         self._device, self._model.dtype, encoder_decoder=self._encoder_decoder))
 
     def _quantize(self, calibration) -> None:
         """Quantize the loaded model with the recipe and record the run's metadata."""
@@ -178,7 +200,11 @@ class QuantVLM(lmms):
         for i in chosen:
             ctx, _, doc_to_visual, doc_id, task, split = requests[i].args
             ims = self._visuals(doc_to_visual, task, split, doc_id)
-            batches.append(self._inputs([self._format(ctx, len(ims))], [ims]))
+            batch = self._inputs([self._format(ctx, len(ims))], [ims])
+            if self._encoder_decoder:  # no target: the decoder sees its start token, so its blocks get activations too
+                start = self._model.config.text_config.decoder_start_token_id
+                batch["decoder_input_ids"] = torch.tensor([[start]], device=self._device)
+            batches.append(batch)
         tasks = sorted({r.args[4] for r in requests})
         self._quantize(CalibrationSet(batches, f"task:{','.join(tasks)}", len(batches), spec.seed, spec.max_seq_len,
                                       ["calibrated on the evaluated task's own documents: overlaps the test split"]))
@@ -217,6 +243,15 @@ class QuantVLM(lmms):
     # ---------------------------------------------------------------- requests
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Batched generation, grouped by identical generation settings, left padded."""
+        with exit_on_error("evaluation (generate_until)"):
+            return self._generate_until(requests)
+
+    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``."""
+        with exit_on_error("evaluation (loglikelihood)"):
+            return self._loglikelihood(requests)
+
+    def _generate_until(self, requests: list[Instance]) -> list[str]:
         self._ensure_quantized(requests)
         from lmms_quant.model_wrappers.retrieval import is_retrieval_request, serve_with_retrieval
         if any(map(is_retrieval_request, requests)):  # retrieval tasks: one similarity matrix per gallery
@@ -259,7 +294,8 @@ class QuantVLM(lmms):
                     gen[key] = gen_kwargs[key]
             with torch.inference_mode():
                 out = self._model.generate(**inputs, **gen)
-            new_tokens = out[:, inputs["input_ids"].shape[1]:]
+            # A decoder-only LM returns the prompt and the new tokens; an encoder-decoder LM (BLIP-2's Flan-T5) the decoder's only.
+            new_tokens = out if self._encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
             decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
             for j, text in zip(batch_idx, decoded):
                 for stop in until:
@@ -271,8 +307,11 @@ class QuantVLM(lmms):
         pbar.close()
         return results  # type: ignore[return-value]
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``."""
+    def _loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
+        """Decoder-only LMs score the continuation's tokens after the prompt in one sequence; an
+        encoder-decoder LM (BLIP-2's Flan-T5) reads image and prompt in its encoder and scores the
+        continuation as decoder labels (tokenized without special tokens, as lm-eval's seq2seq models do).
+        """
         self._ensure_quantized(requests)
         results = []
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
@@ -281,20 +320,31 @@ class QuantVLM(lmms):
             continuation = target if isinstance(target, str) else target(doc)
             ims = self._visuals(doc_to_visual, task, split, doc_id)
             prompt = self._format(ctx, len(ims))
-            full = self._inputs([prompt + continuation], [ims])
-            n_prompt = self._inputs([prompt], [ims])["input_ids"].shape[1]
-            labels = full["input_ids"].clone()
-            labels[:, :n_prompt] = -100
-            with torch.inference_mode():
-                out = self._model(**full)
-            logits = out.logits[:, n_prompt - 1:-1].float()
-            cont = full["input_ids"][:, n_prompt:]
+            logits, cont = (self._seq2seq_logits if self._encoder_decoder else self._causal_logits)(prompt, continuation, ims)
             nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
             greedy = bool((logits.argmax(-1) == cont).all())
             results.append((float(nll), greedy))
             pbar.update(1)
         pbar.close()
         return results
+
+    def _causal_logits(self, prompt: str, continuation: str, ims: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits predicting each continuation token of ``prompt + continuation``, and those tokens."""
+        full = self._inputs([prompt + continuation], [ims])
+        n_prompt = self._inputs([prompt], [ims])["input_ids"].shape[1]
+        with torch.inference_mode():
+            out = self._model(**full)
+        return out.logits[:, n_prompt - 1:-1].float(), full["input_ids"][:, n_prompt:]
+
+    def _seq2seq_logits(self, prompt: str, continuation: str, ims: list) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder logits for ``continuation`` given image and ``prompt`` in the encoder, and its tokens."""
+        enc = self._inputs([prompt], [ims])
+        cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self._device)
+        if cont.shape[1] == 0:
+            raise ValueError(f"loglikelihood: the continuation {continuation!r} has no tokens")
+        with torch.inference_mode():
+            out = self._model(**enc, labels=cont)
+        return out.logits.float(), cont
 
     def clean(self) -> None:
         """Free cached accelerator memory but keep the model.

@@ -19,6 +19,7 @@ from typing import Any
 
 from PIL import Image
 
+from lmms_quant.errors import DataError
 from lmms_quant.metrics import caption_scores
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ TASKS_DIR = Path(__file__).resolve().parent
 DATA_DIR = TASKS_DIR / "data"
 
 
-class TaskDataError(ValueError):
+class TaskDataError(DataError):
     """A task document is missing a field or holds a value of the wrong shape."""
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..errors import ConfigurationError
 from .qlayer import CheckpointError
 
 __all__ = ["DetectedQuant", "detect_quantization", "ensure_not_quantized", "AlreadyQuantizedError", "layer_spec", "QUANT_MARKERS"]
@@ -41,7 +42,7 @@ _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I1
                 "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8}
 
 
-class AlreadyQuantizedError(RuntimeError):
+class AlreadyQuantizedError(ConfigurationError):
     """The checkpoint is already quantized and a second quantization was not asked for explicitly."""
 
 

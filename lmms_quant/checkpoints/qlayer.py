@@ -20,10 +20,12 @@ from typing import Any
 
 import torch
 
+from ..errors import CheckError
+
 __all__ = ["QuantizedLinearData", "CheckpointError", "CheckpointShapeError", "expand_groups"]
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CheckError):
     """A checkpoint cannot be written or read as asked (the message says why)."""
 
 

@@ -21,7 +21,7 @@ def llava_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def calib(llava_dir):
     v = load_vlm(llava_dir)
-    return build_calibration_set(v.processor, v.family, CalibrationSpec(samples=12, seed=1), "cpu", torch.float32)
+    return build_calibration_set(v.processor, v.family, CalibrationSpec(source="world", samples=12, seed=1), "cpu", torch.float32)
 
 
 def fresh(llava_dir):
@@ -35,8 +35,8 @@ def logits(model, batches):
 
 def test_calibration_set_is_seeded_multimodal_and_hashed(llava_dir, calib):
     v = load_vlm(llava_dir)
-    again = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=12, seed=1), "cpu", torch.float32)
-    other = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=12, seed=2), "cpu", torch.float32)
+    again = build_calibration_set(v.processor, v.family, CalibrationSpec(source="world", samples=12, seed=1), "cpu", torch.float32)
+    other = build_calibration_set(v.processor, v.family, CalibrationSpec(source="world", samples=12, seed=2), "cpu", torch.float32)
     assert calib.sha256 == again.sha256 != other.sha256
     assert len(calib.batches) == 12 and all("pixel_values" in b for b in calib.batches)
     image_token = v.model.config.image_token_index
@@ -44,7 +44,8 @@ def test_calibration_set_is_seeded_multimodal_and_hashed(llava_dir, calib):
     records = load_records("world", "llava")
     assert len(records) == 384 + 128 and records[0]["prompt"].endswith("Answer the question using a single word or phrase.")
     assert load_records("world", "blip2")[0]["prompt"].startswith("Question: ")
-    with pytest.raises(RecipeError, match=r"calib_source '/no/file.jsonl' is neither one of world, task, text nor an existing JSONL file"):
+    with pytest.raises(RecipeError, match=r"calib_source '/no/file.jsonl' is neither one of auto, world, task, text, an existing local path \(JSONL file, "
+                                         r"parquet file or folder, save_to_disk folder, image folder\) nor a hub dataset id"):
         CalibrationSpec(source="/no/file.jsonl")
 
 

@@ -96,7 +96,7 @@ def test_compressed_tensors_also_decompresses_with_its_own_api(llava_dir, tmp_pa
 
 def test_compressed_tensors_refuses_awq_input_scales(llava_dir, tmp_path):
     v = load_vlm(llava_dir)
-    calib = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=2, seed=1), "cpu", torch.float32)
+    calib = build_calibration_set(v.processor, v.family, CalibrationSpec(source="world", samples=2, seed=1), "cpu", torch.float32)
     report = quantize_(v.model, recipe_from_args({"method": "awq", "bits_connector": 4, "group_size": 16}), calibration=calib)
     for export in (export_compressed_tensors, export_gptq, export_awq):
         with pytest.raises(CheckpointError, match="input scales"):

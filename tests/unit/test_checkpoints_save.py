@@ -72,7 +72,7 @@ def test_storage_is_really_low_bit(llava_dir, tmp_path):
 
 def test_awq_input_scales_and_folded_norms_survive(llava_dir, tmp_path):
     v = load_vlm(llava_dir)
-    calib = build_calibration_set(v.processor, v.family, CalibrationSpec(samples=2, seed=1), "cpu", torch.float32)
+    calib = build_calibration_set(v.processor, v.family, CalibrationSpec(source="world", samples=2, seed=1), "cpu", torch.float32)
     recipe = recipe_from_args({"method": "awq", "bits_vit": 4, "bits_connector": 4, "group_size": 16})
     report = quantize_(v.model, recipe, calibration=calib)
     scaled = [n for n, m in v.model.named_modules() if hasattr(m, INPUT_SCALE_BUFFER)]

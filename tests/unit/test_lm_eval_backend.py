@@ -22,6 +22,7 @@ from lmms_quant import RecipeError, quantize_, recipe_from_args
 from lmms_quant.apply import count_levels
 from lmms_quant.lm_tasks.text_utils import read_documents
 from lmms_quant.model_wrappers import lm_eval_plugin
+from lmms_quant.model_wrappers.exits import BackendExit
 from lmms_quant.model_wrappers.lm_eval_backend import ConfigurationError, QuantLLM, language_model_of
 from lmms_quant.plan import plan
 from tests.fixtures.tiny_models import TXT, build, save_tiny_llava
@@ -256,14 +257,23 @@ def test_plain_causal_lm_through_the_backend(tiny_llama):
     ({"bits_llm": 9}, "bit width 9"),
     ({"bits_llm": 4, "method": "gptq", "calib_source": "task"}, "calib_source=task"),
 ])
-def test_bad_model_args_fail_before_loading(args, match):
-    with pytest.raises(ConfigurationError, match=match):
+def test_bad_model_args_fail_before_loading(args, match, capsys):
+    with pytest.raises(BackendExit, match=match) as info:
         QuantLLM(pretrained="/no/such/model", **args)
+    assert info.value.code == 2 and isinstance(info.value.__cause__, ConfigurationError)
+    assert capsys.readouterr().err.strip() == f"lmms-quant: model load failed: {info.value.__cause__}"
 
 
 def test_calibrated_methods_need_a_vlm(tiny_llama):
-    with pytest.raises(ConfigurationError, match="plain causal LM"):
+    with pytest.raises(BackendExit, match="plain causal LM") as info:
+        QuantLLM(pretrained=tiny_llama, bits_llm=4, method="gptq", calib_source="world")
+    assert info.value.code == 2
+
+
+def test_the_default_calibration_of_a_hub_model_offline_names_the_model_the_set_and_the_way_out(tiny_llama):
+    with pytest.raises(BackendExit, match=r"calibration set 'lmms-lab/flickr30k' \(split test\) could not be loaded") as info:
         QuantLLM(pretrained=tiny_llama, bits_llm=4, method="gptq")
+    assert info.value.code == 3 and tiny_llama in str(info.value) and "calib_source=/path/to/folder" in str(info.value)
 
 
 # --------------------------------------------------------------------------- wiring: registry, task, results JSON

@@ -196,6 +196,7 @@ def plan(model: nn.Module, recipe: Recipe) -> QuantPlan:
                 if spec.active is False and crec.spec.active and name not in skipped:
                     skipped.append(name)
                 shape = tuple(mod.weight.shape)
+                spec = spec.for_width(shape[1])
                 if spec.active and spec.group_size > 0 and shape[1] % spec.group_size:
                     raise RecipeError(
                         f"group_size {spec.group_size} does not divide the input width {shape[1]} of {name} "

@@ -33,6 +33,7 @@ __all__ = [
     "ComponentRecipe",
     "CalibrationSpec",
     "DEFAULT_HUB_CALIBRATION",
+    "AUTO_GROUP_SIZES",
     "Recipe",
     "recipe_from_args",
     "load_recipe",
@@ -47,8 +48,11 @@ METHOD_DEFAULTS: dict[str, dict[str, Any]] = {
     "uniform": {"group_size": 0, "sym": False, "quantize_bias": True},
     "rtn": {"group_size": -1, "sym": True, "quantize_bias": False},
     "gptq": {"group_size": -1, "sym": True, "quantize_bias": False},
-    "awq": {"group_size": 128, "sym": False, "quantize_bias": False},
+    "awq": {"group_size": "auto", "sym": False, "quantize_bias": False},
 }
+#: ``group_size=auto`` (AWQ's default): per Linear, the first of these that divides its input width, else
+#: per output channel (-1).  128 is the study's and the AWQ paper's setting; the toy ViT's width 192 gets 64.
+AUTO_GROUP_SIZES = (128, 64, 32)
 METHODS = tuple(METHOD_DEFAULTS)
 #: GPTQ's damping default: a fraction of the Hessian's mean diagonal (the reference code's ``percdamp``).
 DEFAULT_DAMP = 0.01
@@ -122,7 +126,7 @@ class QuantSpec:
 
     bits: int = 16
     method: str = "rtn"
-    group_size: int = -1
+    group_size: int | str = -1
     sym: bool = True
     quantize_bias: bool = False
     act_order: bool = False
@@ -133,8 +137,11 @@ class QuantSpec:
         _check_bits(self.bits, "bits")
         if self.method not in METHODS:
             raise RecipeError(f"unknown method {self.method!r}; valid: {_choices(METHODS)}")
-        if not isinstance(self.group_size, int) or isinstance(self.group_size, bool) or self.group_size < -1:
-            raise RecipeError(f"group_size must be -1 (per channel), 0 (per tensor) or a positive integer, got {self.group_size!r}")
+        if self.group_size != "auto" and (not isinstance(self.group_size, int) or isinstance(self.group_size, bool)
+                                          or self.group_size < -1):
+            raise RecipeError(f"group_size must be -1 (per channel), 0 (per tensor), a positive integer or 'auto' "
+                              f"(the first of {', '.join(map(str, AUTO_GROUP_SIZES))} that divides each layer's width, else -1), "
+                              f"got {self.group_size!r}")
         if self.method == "uniform" and (self.group_size != 0 or self.sym):
             raise RecipeError(
                 "method 'uniform' is the study's per-tensor asymmetric min-max (group_size=0, sym=false); "
@@ -155,6 +162,12 @@ class QuantSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def for_width(self, width: int) -> QuantSpec:
+        """This spec with ``group_size=auto`` resolved for a layer of input width ``width``."""
+        if self.group_size != "auto":
+            return self
+        return dataclasses.replace(self, group_size=next((g for g in AUTO_GROUP_SIZES if width % g == 0), -1))
 
 
 @dataclass(frozen=True)
@@ -385,7 +398,7 @@ def _coerce_spec_value(key: str, value: Any, where: str) -> Any:
             raise RecipeError(f"{where}: unknown method {value!r}; valid: {_choices(METHODS)}")
         return value
     if key == "group_size":
-        return _check_int(value, where)
+        return "auto" if str(value).lower() == "auto" else _check_int(value, where)
     if key == "damp":
         return _check_number(value, where, float, "a number in (0, 1)")
     return _check_bool(value, where)

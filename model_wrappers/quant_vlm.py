@@ -99,10 +99,8 @@ class QuantVLM(lmms):
             # resolve calib_source=auto and read the calibration data before the model loads
             spec = resolve_source(self.recipe.calibration, name, is_bundled(kwargs.get("pretrained")))
             self.recipe = dataclasses.replace(self.recipe, calibration=spec)
-            try:
+            with exit_on_error("reading the calibration data"):
                 calib_rows = load_calibration_rows(spec, model_name=name)
-            except ValueError as exc:
-                raise ConfigurationExit(str(exc)) from None
 
         t0 = time.perf_counter()
         loaded = load_vlm(

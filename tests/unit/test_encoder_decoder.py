@@ -110,7 +110,7 @@ def test_t5_blocks_carry_their_position_biases_block_to_block(t5_dir):
                                   encoder_decoder=True)
     for stack in (model.language_model.encoder, model.language_model.decoder):
         seen = []
-        handle = stack.block[1].register_forward_hook(lambda m, a, out: seen.append(out[0].clone()))
+        handle = stack.block[1].register_forward_hook(lambda m, a, out, seen=seen: seen.append(out[0].clone()))
         with torch.no_grad():
             model(**calib.batches[0])
         handle.remove()

@@ -257,52 +257,54 @@ class QuantVLM(lmms):
         order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))
         results: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm generate")
-        i = 0
-        while i < len(order):
-            key = repr(sorted(requests[order[i]].args[1].items()))
-            batch_idx = [order[i]]
-            while len(batch_idx) < self.batch_size and i + len(batch_idx) < len(order) and \
-                    repr(sorted(requests[order[i + len(batch_idx)]].args[1].items())) == key:
-                batch_idx.append(order[i + len(batch_idx)])
-            i += len(batch_idx)
-            gen_kwargs = dict(requests[batch_idx[0]].args[1])
-            until = gen_kwargs.pop("until", None)
-            until = [until] if isinstance(until, str) else list(until or [])
-            texts, images = [], []
-            for j in batch_idx:
-                ctx, _, doc_to_visual, doc_id, task, split = requests[j].args
-                ims = self._visuals(doc_to_visual, task, split, doc_id)
-                images.append(ims)
-                texts.append(self._format(ctx, len(ims)))
-            inputs = self._inputs(texts, images)
-            temperature = float(gen_kwargs.get("temperature", 0) or 0)
-            num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
-            gen = {
-                "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                "do_sample": temperature > 0,
-                "num_beams": num_beams,
-                "pad_token_id": self.tokenizer.pad_token_id,
-            }
-            if temperature > 0:
-                gen["temperature"] = temperature
-                if gen_kwargs.get("top_p") is not None:
-                    gen["top_p"] = float(gen_kwargs["top_p"])
-            for key in PASSED_GEN_KWARGS:
-                if gen_kwargs.get(key) is not None:
-                    gen[key] = gen_kwargs[key]
-            with torch.inference_mode():
-                out = self._model.generate(**inputs, **gen)
-            # A decoder-only LM returns the prompt and the new tokens; an encoder-decoder LM (BLIP-2's Flan-T5) the decoder's only.
-            new_tokens = out if self._encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
-            decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            for j, text in zip(batch_idx, decoded):
-                for stop in until:
-                    if stop and stop in text:
-                        text = text.split(stop)[0]
-                results[j] = text.strip()
-                self.cache_hook.add_partial("generate_until", (requests[j].args[0], requests[j].args[1]), results[j])
-            pbar.update(len(batch_idx))
-        pbar.close()
+        try:
+            i = 0
+            while i < len(order):
+                key = repr(sorted(requests[order[i]].args[1].items()))
+                batch_idx = [order[i]]
+                while len(batch_idx) < self.batch_size and i + len(batch_idx) < len(order) and \
+                        repr(sorted(requests[order[i + len(batch_idx)]].args[1].items())) == key:
+                    batch_idx.append(order[i + len(batch_idx)])
+                i += len(batch_idx)
+                gen_kwargs = dict(requests[batch_idx[0]].args[1])
+                until = gen_kwargs.pop("until", None)
+                until = [until] if isinstance(until, str) else list(until or [])
+                texts, images = [], []
+                for j in batch_idx:
+                    ctx, _, doc_to_visual, doc_id, task, split = requests[j].args
+                    ims = self._visuals(doc_to_visual, task, split, doc_id)
+                    images.append(ims)
+                    texts.append(self._format(ctx, len(ims)))
+                inputs = self._inputs(texts, images)
+                temperature = float(gen_kwargs.get("temperature", 0) or 0)
+                num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
+                gen = {
+                    "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                    "do_sample": temperature > 0,
+                    "num_beams": num_beams,
+                    "pad_token_id": self.tokenizer.pad_token_id,
+                }
+                if temperature > 0:
+                    gen["temperature"] = temperature
+                    if gen_kwargs.get("top_p") is not None:
+                        gen["top_p"] = float(gen_kwargs["top_p"])
+                for key in PASSED_GEN_KWARGS:
+                    if gen_kwargs.get(key) is not None:
+                        gen[key] = gen_kwargs[key]
+                with torch.inference_mode():
+                    out = self._model.generate(**inputs, **gen)
+                # A decoder-only LM returns the prompt and the new tokens; an encoder-decoder LM (BLIP-2's Flan-T5) the decoder's only.
+                new_tokens = out if self._encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+                decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+                for j, text in zip(batch_idx, decoded):
+                    for stop in until:
+                        if stop and stop in text:
+                            text = text.split(stop)[0]
+                    results[j] = text.strip()
+                    self.cache_hook.add_partial("generate_until", (requests[j].args[0], requests[j].args[1]), results[j])
+                pbar.update(len(batch_idx))
+        finally:  # closed before an error is reported, so its line starts on a line of its own
+            pbar.close()
         return results  # type: ignore[return-value]
 
     def _loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -313,17 +315,19 @@ class QuantVLM(lmms):
         self._ensure_quantized(requests)
         results = []
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
-        for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
-            doc = self.task_dict[task][split][doc_id]
-            continuation = target if isinstance(target, str) else target(doc)
-            ims = self._visuals(doc_to_visual, task, split, doc_id)
-            prompt = self._format(ctx, len(ims))
-            logits, cont = (self._seq2seq_logits if self._encoder_decoder else self._causal_logits)(prompt, continuation, ims)
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
-            greedy = bool((logits.argmax(-1) == cont).all())
-            results.append((float(nll), greedy))
-            pbar.update(1)
-        pbar.close()
+        try:
+            for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+                doc = self.task_dict[task][split][doc_id]
+                continuation = target if isinstance(target, str) else target(doc)
+                ims = self._visuals(doc_to_visual, task, split, doc_id)
+                prompt = self._format(ctx, len(ims))
+                logits, cont = (self._seq2seq_logits if self._encoder_decoder else self._causal_logits)(prompt, continuation, ims)
+                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
+                greedy = bool((logits.argmax(-1) == cont).all())
+                results.append((float(nll), greedy))
+                pbar.update(1)
+        finally:  # closed before an error is reported, so its line starts on a line of its own
+            pbar.close()
         return results
 
     def _causal_logits(self, prompt: str, continuation: str, ims: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -65,8 +65,8 @@ def test_bad_model_args_fail_the_process_before_loading(tiny_llava, tmp_path):
 def test_our_cli_exits_nonzero_when_the_evaluation_fails(tmp_path):
     proc = run([str(BIN / "lmms-quant"), "eval", "--model", "quant_vlm", "--model_args", "pretrained=/no/such/model",
                 "--tasks", "lq_world_vqa", "--limit", "2"], tmp_path)
-    assert proc.returncode == 1
-    assert "lmms-quant: the evaluation failed: FileNotFoundError: pretrained='/no/such/model': no such folder" in proc.stderr
+    assert proc.returncode == 2  # a configuration error (exit statuses: lmms_quant.errors.EXIT_STATUS)
+    assert "lmms-quant: model load failed: pretrained='/no/such/model': no such folder" in proc.stderr
 
 
 def test_a_regular_pip_install_serves_the_backend_and_the_tasks(tmp_path):

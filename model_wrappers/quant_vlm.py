@@ -32,13 +32,16 @@ from lmms_quant.provenance import library_versions
 from lmms_quant.recipe import METHOD_ARG_KEYS, RECIPE_ARG_KEYS, RecipeError, recipe_from_args
 
 from .exits import ConfigurationExit, exit_on_error
+from .lmms_eval_backends import LMMS_EVAL_BACKENDS, backend_for, build_backend
 
 log = logging.getLogger(__name__)
 
 #: model_args that configure loading and serving (the rest are recipe keys).
 BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "batch_size", "max_new_tokens",
                     "trust_remote_code", "attn_implementation", "verify", "cache", "cache_dir",
-                    "requantize", "save_quantized", "real_lowbit")
+                    "requantize", "save_quantized", "real_lowbit", "serve")
+#: ``serve``: who turns requests into model calls (see :meth:`QuantVLM._choose_serving`).
+SERVE_CHOICES = ("auto", "lmms_eval", "quant_vlm")
 
 
 #: Task generation_kwargs handed to ``generate()`` as they are (beyond max_new_tokens, temperature, top_p, num_beams).
@@ -81,6 +84,9 @@ class QuantVLM(lmms):
             raise ConfigurationExit(str(exc)) from None
         if self.batch_size_per_gpu < 1:
             raise ConfigurationExit(f"batch_size must be >= 1, got {self.batch_size_per_gpu}")
+        self._serve = str(kwargs.get("serve", "auto"))
+        if self._serve not in SERVE_CHOICES:
+            raise ConfigurationExit(f"unknown serve {self._serve!r}; valid: {', '.join(SERVE_CHOICES)}")
         widths = [k for k in kwargs if k.startswith("bits") or k == "recipe"]
         if self.recipe.is_noop and not widths and any(k in kwargs for k in METHOD_ARG_KEYS):
             given = sorted(k for k in kwargs if k in METHOD_ARG_KEYS)
@@ -127,6 +133,8 @@ class QuantVLM(lmms):
         self.report = None
         self._save_dir = kwargs.get("save_quantized")
         self._real_lowbit = bool(kwargs.get("real_lowbit", False))
+        self._delegate = None
+        self.serving = self._choose_serving(kwargs, device)
         if loaded.quantization is not None:
             if self.recipe.is_noop:  # evaluate the checkpoint as it was quantized elsewhere
                 self._record_prequantized(loaded)
@@ -142,6 +150,26 @@ class QuantVLM(lmms):
         else:
             self._quantize(lambda: build_calibration_set(self.processor, self.family, calib_rows or self.recipe.calibration,
                                                          self._device, self._model.dtype, encoder_decoder=self._encoder_decoder))
+
+    def _choose_serving(self, kwargs: dict[str, Any], device: str) -> dict[str, Any]:
+        """Who serves requests: lmms-eval's own backend for the family (``serve=lmms_eval``; the default
+        where one exists, except for the bundled toys), or quant_vlm itself (``serve=quant_vlm``: the
+        study's prompt formats, BLIP-2, batching).  Retrieval tasks are always answered by quant_vlm."""
+        ref = backend_for(self.family)
+        bundled = is_bundled(kwargs.get("pretrained"))
+        choice = self._serve if self._serve != "auto" else ("lmms_eval" if ref is not None and not bundled else "quant_vlm")
+        if choice == "lmms_eval":
+            if ref is None:
+                raise ConfigurationExit(f"serve=lmms_eval: lmms-eval 0.7.3 has no backend of its own for the {self.family!r} family; "
+                                        f"families it serves: {', '.join(sorted(LMMS_EVAL_BACKENDS))}; use serve=quant_vlm")
+            if self._encoder_decoder or self._loaded.quantization is not None and self._loaded.saved_report is None:
+                raise ConfigurationExit("serve=lmms_eval needs a model loaded from a plain checkpoint; use serve=quant_vlm")
+            self._delegate = build_backend(ref, self._model, self._loaded.path, device=str(self._device),
+                                           batch_size=self.batch_size_per_gpu, dtype=self._model.dtype)
+            return {"by": ref.name, "backend_class": ref.class_path, "lmms_eval": library_versions().get("lmms-eval"),
+                    "not_served_by_it": {k: f"quant_vlm ({why})" for k, why in ref.lacks}}
+        return {"by": "quant_vlm", "prompt_format": "study" if self.family in ("blip2",) or bundled else "processor chat template",
+                "lmms_eval_backend": ref.name if ref else None}
 
     def _quantize(self, calibration) -> None:
         """Quantize the loaded model with the recipe and record the run's metadata."""
@@ -161,6 +189,7 @@ class QuantVLM(lmms):
             "seed": self.recipe.seed,
             "versions": library_versions(),
             "timings_s": {"load": round(self._load_s, 3), "quantize": round(quant_s, 3)},
+            "serving": self.serving,
         }
         log.info("quant_vlm: %s loaded in %.1fs, quantized in %.1fs, bpw %.3f",
                  loaded.name, self._load_s, quant_s, report.bpw["model"]["study"])
@@ -185,6 +214,7 @@ class QuantVLM(lmms):
             "seed": self.recipe.seed,
             "versions": library_versions(),
             "timings_s": {"load": round(self._load_s, 3), "quantize": 0.0},
+            "serving": self.serving,
         }
 
     def _ensure_quantized(self, requests: list[Instance]) -> None:
@@ -249,11 +279,19 @@ class QuantVLM(lmms):
         with exit_on_error("evaluation (loglikelihood)"):
             return self._loglikelihood(requests)
 
+    def _forward(self, method: str, requests: list[Instance]):
+        """Hand ``requests`` to lmms-eval's backend, which reads the same documents."""
+        self._delegate.task_dict = self.task_dict
+        self._delegate.cache_hook = self.cache_hook
+        return getattr(self._delegate, method)(requests)
+
     def _generate_until(self, requests: list[Instance]) -> list[str]:
         self._ensure_quantized(requests)
         from lmms_quant.model_wrappers.retrieval import is_retrieval_request, serve_with_retrieval
         if any(map(is_retrieval_request, requests)):  # retrieval tasks: one similarity matrix per gallery
             return serve_with_retrieval(self, requests, self.generate_until)
+        if self._delegate is not None:
+            return self._forward("generate_until", requests)
         order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))
         results: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm generate")
@@ -313,6 +351,8 @@ class QuantVLM(lmms):
         continuation as decoder labels (tokenized without special tokens, as lm-eval's seq2seq models do).
         """
         self._ensure_quantized(requests)
+        if self._delegate is not None and "loglikelihood" not in dict(backend_for(self.family).lacks):
+            return self._forward("loglikelihood", requests)
         results = []
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
         try:

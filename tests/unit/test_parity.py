@@ -1,0 +1,86 @@
+"""Parity with lmms-eval's own backends: the same tiny local model and tasks through lmms-eval's
+backend and through quant_vlm at 16 bits give identical predictions per document (with
+--log_samples' per-document responses), and quant_vlm records which backend served it."""
+
+import os
+
+import pytest
+from lmms_eval.evaluator import simple_evaluate
+from lmms_eval.tasks import TaskManager
+
+from lmms_quant.model_wrappers.plugin import manifests
+from lmms_quant.model_wrappers.quant_vlm import QuantVLM
+from tests.fixtures.lmms_eval_rows import FIXTURES, local_name, write_tasks
+from tests.fixtures.local_models import save_qwen2_vl
+from tests.fixtures.tiny_models import save_tiny_llava
+
+PARITY_TASKS = ("chartqa", "pope", "ai2d")  # VQA, yes/no, multiple choice (letters)
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory):
+    manifests()  # our task folder and results hook, as lmms-eval's CLI would load them
+    return write_tasks(tmp_path_factory.mktemp("tasks"), [f for f in FIXTURES if f.task in PARITY_TASKS])
+
+
+def predictions(lm, task_dir, tmp_path):
+    cwd = os.getcwd()
+    os.chdir(tmp_path)  # some tasks write submission files into the working directory
+    try:
+        out = simple_evaluate(model=lm, tasks=[local_name(t) for t in PARITY_TASKS if (task_dir / f"{local_name(t)}.yaml").exists()],
+                              task_manager=TaskManager(include_path=str(task_dir)), log_samples=True, batch_size=1, limit=4,
+                              gen_kwargs="max_new_tokens=6")
+    finally:
+        os.chdir(cwd)
+    preds = {t: [(s["doc_id"], s["resps"]) for s in samples] for t, samples in out["samples"].items()}
+    assert preds and all(len(p) >= 3 for p in preds.values()), preds
+    return preds
+
+
+FAMILIES = {
+    # family: (writer, lmms-eval backend class path, its kwargs, quant_vlm dtype)
+    "llava": (lambda p: save_tiny_llava(p, seed=2), "lmms_eval.models.simple.llava_hf.LlavaHf",
+              {"device": "cpu", "device_map": "cpu", "dtype": "float32"}, "float32"),
+    "qwen2_vl": (lambda p: save_qwen2_vl(p, seed=2, version="2"), "lmms_eval.models.simple.qwen2_vl.Qwen2_VL",
+                 {"device": "cpu", "device_map": "cpu"}, "float32"),
+    "qwen2_5_vl": (lambda p: save_qwen2_vl(p, seed=2, version="2.5"), "lmms_eval.models.simple.qwen2_5_vl.Qwen2_5_VL",
+                   {"device": "cpu", "device_map": "cpu"}, "bfloat16"),  # the backend loads bfloat16, always
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_quant_vlm_at_16_bits_predicts_exactly_what_lmms_evals_backend_predicts(family, task_dir, tmp_path, one_thread):
+    import importlib
+
+    writer, class_path, kwargs, dtype = FAMILIES[family]
+    model_dir = str(writer(tmp_path / family))
+    module, name = class_path.rsplit(".", 1)
+    reference = predictions(getattr(importlib.import_module(module), name)(pretrained=model_dir, **kwargs), task_dir, tmp_path)
+    lm = QuantVLM(pretrained=model_dir, device="cpu", dtype=dtype)
+    assert lm.serving["by"] == class_path.split(".")[-2] and lm.serving["lmms_eval"] == "0.7.3"
+    assert lm.recipe.is_noop
+    ours = predictions(lm, task_dir, tmp_path)
+    assert ours == reference
+    # the study's prompt formats stay behind serve=quant_vlm
+    assert QuantVLM(pretrained=model_dir, device="cpu", dtype=dtype, serve="quant_vlm").serving["by"] == "quant_vlm"
+
+
+def test_the_backend_serves_the_quantized_model(tmp_path, one_thread):
+    from lmms_quant.apply import count_levels
+
+    model_dir = str(save_tiny_llava(tmp_path / "llava", seed=2))
+    lm = QuantVLM(pretrained=model_dir, device="cpu", bits_llm=2, cache=False)
+    assert lm._delegate.model is lm.model
+    w = lm._delegate.model.model.language_model.layers[0].mlp.down_proj.weight
+    assert count_levels(w, -1) <= 4
+    assert QuantVLM.last_metadata["serving"]["by"] == "llava_hf"
+
+
+def test_serve_lmms_eval_is_refused_for_a_family_lmms_eval_has_no_backend_for():
+    from lmms_quant.model_wrappers.exits import BackendExit
+
+    with pytest.raises(BackendExit, match=r"lmms-eval 0.7.3 has no backend of its own for the 'blip2' family; families it serves: "
+                                          r"llava, llava_next, llava_onevision, qwen2_5_vl, qwen2_vl; use serve=quant_vlm"):
+        QuantVLM(pretrained="toy-blip2", serve="lmms_eval")
+    with pytest.raises(BackendExit, match=r"unknown serve 'vllm'; valid: auto, lmms_eval, quant_vlm"):
+        QuantVLM(pretrained="toy-blip2", serve="vllm")

@@ -33,6 +33,7 @@ from lmms_quant.recipe import METHOD_ARG_KEYS, RECIPE_ARG_KEYS, RecipeError, rec
 
 from .exits import ConfigurationExit, exit_on_error
 from .lmms_eval_backends import LMMS_EVAL_BACKENDS, backend_for, build_backend
+from .lmms_eval_tasks import LoglikelihoodResult, check_judge_tasks
 
 log = logging.getLogger(__name__)
 
@@ -157,12 +158,14 @@ class QuantVLM(lmms):
         study's prompt formats, BLIP-2, batching).  Retrieval tasks are always answered by quant_vlm."""
         ref = backend_for(self.family)
         bundled = is_bundled(kwargs.get("pretrained"))
-        choice = self._serve if self._serve != "auto" else ("lmms_eval" if ref is not None and not bundled else "quant_vlm")
+        # a checkpoint quantized elsewhere is dequantized by our loader: the backend could not load it itself
+        plain = self._loaded.quantization is None or self._loaded.saved_report is not None
+        choice = self._serve if self._serve != "auto" else ("lmms_eval" if ref is not None and not bundled and plain else "quant_vlm")
         if choice == "lmms_eval":
             if ref is None:
                 raise ConfigurationExit(f"serve=lmms_eval: lmms-eval 0.7.3 has no backend of its own for the {self.family!r} family; "
                                         f"families it serves: {', '.join(sorted(LMMS_EVAL_BACKENDS))}; use serve=quant_vlm")
-            if self._encoder_decoder or self._loaded.quantization is not None and self._loaded.saved_report is None:
+            if not plain:
                 raise ConfigurationExit("serve=lmms_eval needs a model loaded from a plain checkpoint; use serve=quant_vlm")
             self._delegate = build_backend(ref, self._model, self._loaded.path, device=str(self._device),
                                            batch_size=self.batch_size_per_gpu, dtype=self._model.dtype)
@@ -272,12 +275,15 @@ class QuantVLM(lmms):
     def generate_until(self, requests: list[Instance]) -> list[str]:
         """Batched generation, grouped by identical generation settings, left padded."""
         with exit_on_error("evaluation (generate_until)"):
+            check_judge_tasks({r.args[4] for r in requests})
             return self._generate_until(requests)
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``."""
+    def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
+        """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``, as
+        :class:`LoglikelihoodResult` so that lmms-eval 0.7.x's multiple_choice scoring receives the pair."""
         with exit_on_error("evaluation (loglikelihood)"):
-            return self._loglikelihood(requests)
+            check_judge_tasks({r.args[4] for r in requests})
+            return [LoglikelihoodResult(*r) for r in self._loglikelihood(requests)]
 
     def _forward(self, method: str, requests: list[Instance]):
         """Hand ``requests`` to lmms-eval's backend, which reads the same documents."""

@@ -158,7 +158,7 @@ def test_a_failed_config_is_recorded_and_retried_only_when_asked(tmp_path):
     states = run_sweep(spec, out, emit=lines.append)
     assert [s.status for s in states] == ["failed"]
     failed = json.loads((out / "tiny__rtn__vit16_conn16_llm2" / FAILED_FILE).read_text())
-    assert failed["error_type"] == "FileNotFoundError" and "/no/such/model" in failed["message"] and failed["attempts"] == 1
+    assert failed["error_type"] == "ModelNotFoundError" and "/no/such/model" in failed["message"] and failed["attempts"] == 1
     assert any("0/1 done, 1 failed, 0 remaining" in line for line in lines)
     run_sweep(spec, out, emit=lines.append)  # not retried
     assert json.loads((out / "tiny__rtn__vit16_conn16_llm2" / FAILED_FILE).read_text())["attempts"] == 1

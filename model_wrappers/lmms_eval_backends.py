@@ -39,9 +39,11 @@ class BackendRef:
     dtype_key: str | None = None
     #: what the backend does not serve (a request type -> the reason)
     lacks: tuple[tuple[str, str], ...] = ()
+    #: the largest batch its generate_until takes (llava_hf asserts batch size 1)
+    max_batch_size: int | None = None
 
 
-_LLAVA_HF = dict(name="llava_hf", class_path="lmms_eval.models.simple.llava_hf.LlavaHf", dtype_key="dtype")
+_LLAVA_HF = dict(name="llava_hf", class_path="lmms_eval.models.simple.llava_hf.LlavaHf", dtype_key="dtype", max_batch_size=1)
 _QWEN_LACKS = (("loglikelihood", "lmms-eval's qwen2_vl / qwen2_5_vl backends raise NotImplementedError for loglikelihood"),)
 
 #: family -> the lmms-eval backend that serves it.
@@ -78,7 +80,7 @@ def build_backend(ref: BackendRef, model: Any, path: str, *, device: str, batch_
     """The lmms-eval backend ``ref`` serving ``model`` (already loaded and quantized) with the processor at ``path``."""
     module_name, cls_name = ref.class_path.rsplit(".", 1)
     backend_cls = getattr(importlib.import_module(module_name), cls_name)
-    kwargs: dict[str, Any] = {"pretrained": path, "device": device, "batch_size": batch_size}
+    kwargs: dict[str, Any] = {"pretrained": path, "device": device, "batch_size": min(batch_size, ref.max_batch_size or batch_size)}
     if ref.device_map_key:
         kwargs[ref.device_map_key] = device
     if ref.dtype_key and dtype is not None:

@@ -170,6 +170,7 @@ class QuantVLM(lmms):
             self._delegate = build_backend(ref, self._model, self._loaded.path, device=str(self._device),
                                            batch_size=self.batch_size_per_gpu, dtype=self._model.dtype)
             return {"by": ref.name, "backend_class": ref.class_path, "lmms_eval": library_versions().get("lmms-eval"),
+                    "batch_size": self._delegate.batch_size,
                     "not_served_by_it": {k: f"quant_vlm ({why})" for k, why in ref.lacks}}
         return {"by": "quant_vlm", "prompt_format": "study" if self.family in ("blip2",) or bundled else "processor chat template",
                 "lmms_eval_backend": ref.name if ref else None}

@@ -94,7 +94,9 @@ def test_save_reload_prequantized_refuse_requantize_and_real_lowbit(tmp_path):
     expected = first.generate_until(gen_requests(1))
     sha = QuantVLM.last_metadata["quantization"]["weights_sha256"]
 
-    again = QuantVLM(pretrained=str(saved_dir))  # no recipe: evaluate it as saved
+    # no recipe: evaluate it as saved; a local folder of a LLaVA is served by lmms-eval's llava_hf unless told,
+    # and the saved toy was served by quant_vlm itself
+    again = QuantVLM(pretrained=str(saved_dir), serve="quant_vlm")
     again.task_dict = first.task_dict
     assert again.generate_until(gen_requests(1)) == expected
     assert QuantVLM.last_metadata["quantization"]["weights_sha256"] == sha

@@ -10,7 +10,7 @@ def test_flat_model_args_and_method_defaults():
     assert r.llm.spec == QuantSpec(bits=3, method="rtn", group_size=-1, sym=True)
     assert r.vit.spec.bits == 4 and r.connector.spec.bits == 16
     awq = recipe_from_args({"bits": 4, "method": "awq"})
-    assert (awq.vit.spec.group_size, awq.vit.spec.sym) == (128, False)
+    assert (awq.vit.spec.group_size, awq.vit.spec.sym) == ("auto", False)  # 128, 64 or 32 per layer width
     uni = recipe_from_args({"bits_llm": 6, "method_llm": "uniform"})
     assert (uni.llm.spec.group_size, uni.llm.spec.sym, uni.llm.spec.quantize_bias) == (0, False, True)
 

@@ -110,12 +110,14 @@ def resolve_source(spec: CalibrationSpec, model_name: str | None, bundled: bool)
 
 
 def _world_dir() -> Path:
-    try:
-        import lmms_quant.tasks as tasks_pkg
+    """The bundled world data: ``tasks/data/world`` in a checkout, ``lmms_quant/tasks/data/world`` installed
+    (located, not imported: the core does not import the task layer)."""
+    import importlib.util
 
-        return Path(tasks_pkg.__file__).resolve().parent / "data" / "world"
-    except ImportError:  # pragma: no cover
-        return WORLD_CALIBRATION
+    spec = importlib.util.find_spec("lmms_quant.tasks")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations))) / "data" / "world"
+    return WORLD_CALIBRATION  # pragma: no cover
 
 
 def load_calibration_rows(spec: CalibrationSpec, model_name: str | None = None) -> CalibrationRows:

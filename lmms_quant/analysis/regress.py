@@ -228,7 +228,9 @@ def add_parser(sub) -> None:
     p = sub.add_parser("regress", help="compare results with a baseline; non-zero exit when a metric dropped beyond the tolerance",
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("new", help="results JSON or folder to check")
-    p.add_argument("baseline", help="baseline results JSON or folder")
+    p.add_argument("baseline", nargs="?", help="baseline results JSON or folder (or --baseline)")
+    p.add_argument("--baseline", dest="baseline_opt", metavar="FILE",
+                   help="the baseline, named so that the order cannot be mistaken (diff-like tools put the old one first)")
     p.add_argument("--tol", action="append", default=[], metavar="[METRIC=]TOL", help="tolerance: 0.02, 5%%, ci, ci:0.9 (repeatable)")
     p.add_argument("--all", action="store_true", help="print every comparison, not only what moved")
     p.add_argument("--bootstrap-iters", type=int, default=2000)
@@ -238,6 +240,12 @@ def add_parser(sub) -> None:
 
 
 def main(ns: argparse.Namespace) -> int:
+    baseline_opt = getattr(ns, "baseline_opt", None)
+    if (ns.baseline is None) == (baseline_opt is None):
+        print("lmms-quant regress: give the baseline once: as the second argument or as --baseline FILE "
+              f"(got {'both' if ns.baseline else 'neither'})", file=sys.stderr)
+        return 2
+    ns.baseline = ns.baseline or baseline_opt
     try:
         tols = [parse_tolerance(t) for t in ns.tol]
     except ValueError as exc:

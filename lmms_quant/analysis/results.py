@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from lmms_quant.errors import DataError
 from lmms_quant.provenance import METADATA_KEY
 from lmms_quant.recipe import COMPONENTS
 
@@ -30,7 +31,7 @@ __all__ = ["ResultsFormatError", "Run", "find_results", "load_run", "load_runs",
 RESULTS_SUFFIX = "_results.json"
 
 
-class ResultsFormatError(ValueError):
+class ResultsFormatError(DataError):
     """A results file (or folder) does not have the shape lmms-eval writes."""
 
 

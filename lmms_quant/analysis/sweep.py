@@ -60,6 +60,7 @@ from itertools import product
 from pathlib import Path
 from typing import Any
 
+from lmms_quant.errors import ConfigurationError
 from lmms_quant.provenance import METADATA_KEY
 from lmms_quant.recipe import COMPONENTS, RECIPE_ARG_KEYS, VALID_BITS, RecipeError, recipe_from_args
 
@@ -85,10 +86,11 @@ DESIGNS = ("factorial", "one_at_a_time")
 EXECUTORS = ("local", "slurm", "submitit-local", "debug")
 #: How components are spelled in configuration ids (``toy__rtn__vit4_conn16_llm2``).
 ID_NAMES = {"vit": "vit", "connector": "conn", "llm": "llm"}
-_CALIB = {"source": "calib_source", "samples": "calib_samples", "seed": "calib_seed", "max_seq_len": "calib_max_seq_len"}
+_CALIB = {f: f"calib_{f}" for f in ("source", "samples", "seed", "max_seq_len", "split", "image_column", "text_column",
+                                     "question_column", "revision")}
 
 
-class SweepSpecError(ValueError):
+class SweepSpecError(ConfigurationError):
     """The sweep file is invalid; the message names the key and the valid choices."""
 
 

@@ -43,6 +43,16 @@ def test_a_drop_beyond_the_absolute_tolerance_fails_and_is_shown(tmp_path, capsy
     assert gate(capsys, new, base, "--tol", "0.01", "--tol", "lq_world_vqa/vqa_accuracy=0.04")[0] == 0
 
 
+def test_the_baseline_can_be_named_with_baseline_and_only_once(tmp_path, capsys):
+    base, new = one(tmp_path, "base", vqa=0.80), one(tmp_path, "new", vqa=0.77)
+    assert gate(capsys, new, "--baseline", base, "--tol", "0.02")[0] == 1  # the same verdict as `new base`
+    assert gate(capsys, base, "--baseline", new, "--tol", "0.02")[0] == 0  # swapped: the new one improved
+    code, out = gate(capsys, new, base, "--baseline", base)
+    assert code == 2 and "give the baseline once: as the second argument or as --baseline FILE (got both)" in out.err
+    code, out = gate(capsys, new)
+    assert code == 2 and "(got neither)" in out.err
+
+
 def test_relative_tolerance(tmp_path, capsys):
     base, new = one(tmp_path, "base", cider=1.20), one(tmp_path, "new", cider=1.10)  # -8.3%
     assert gate(capsys, new, base, "--tol", "10%")[0] == 0

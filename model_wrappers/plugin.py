@@ -12,7 +12,6 @@ happens at import time; the patch is applied once, only when lmms-eval asks.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 
 #: Results files written in this process (read by our CLI to say where they went).
@@ -45,14 +44,44 @@ def _register_tasks() -> None:
     TaskManager.initialize_tasks = initialize_tasks
 
 
-def _record_metadata() -> None:
-    """Put the quant_vlm run's metadata into lmms-eval's results JSON.
+def attach_metadata(results: dict | None, lm) -> dict | None:
+    """``results`` with the backend's quantization metadata under ``lmms_quant`` (when ``lm`` has any)."""
+    metadata = getattr(lm, "metadata", None)
+    if isinstance(results, dict) and isinstance(metadata, dict):
+        from lmms_quant.provenance import METADATA_KEY
 
-    lmms-eval 0.7.3 never asks a model for its info, so the results JSON would
-    not say which recipe produced it.  We wrap the tracker's save so the
-    aggregated results carry a top-level ``lmms_quant`` key (recipe, bits per
-    weight, quantized modules, versions, seed, weight hash).
+        results[METADATA_KEY] = metadata
+    return results
+
+
+def carry_metadata_into_results() -> None:
+    """Make lmms-eval's ``evaluate(lm, ...)`` put the backend's metadata into the results it returns.
+
+    lmms-eval 0.7.3 never asks a model for its info, so the results JSON would not say which
+    recipe produced it.  ``evaluate`` is the one place that holds both the model and the results:
+    wrapped, it returns results with the backend's own ``metadata`` under a top-level
+    ``lmms_quant`` key (recipe, bits per weight, quantized modules, versions, seed, weight hash,
+    serving), which the tracker saves with the rest.  Called by each quant_vlm backend when it
+    is built (``lmms_eval.evaluator`` cannot be imported while lmms-eval loads its plugins);
+    idempotent.
     """
+    import lmms_eval.evaluator as evaluator
+
+    if getattr(evaluator.evaluate, "_lmms_quant", False):
+        return
+    original = evaluator.evaluate
+
+    @functools.wraps(original)
+    def evaluate(*args, **kwargs):
+        lm = kwargs["lm"] if "lm" in kwargs else args[0]
+        return attach_metadata(original(*args, **kwargs), lm)
+
+    evaluate._lmms_quant = True  # type: ignore[attr-defined]
+    evaluator.evaluate = evaluate
+
+
+def _note_written_results() -> None:
+    """Note where the tracker wrote each results file (``lmms-quant eval`` prints it)."""
     from lmms_eval.loggers.evaluation_tracker import EvaluationTracker
 
     if getattr(EvaluationTracker.save_results_aggregated, "_lmms_quant", False):
@@ -61,12 +90,6 @@ def _record_metadata() -> None:
 
     @functools.wraps(original)
     def save_results_aggregated(self, results, samples, datetime_str):
-        wrapper = sys.modules.get("lmms_quant.model_wrappers.quant_vlm")
-        backend = str((results.get("config") or {}).get("model_backend", ""))
-        if wrapper is not None and "QuantVLM" in backend and wrapper.QuantVLM.last_metadata is not None:
-            from lmms_quant.provenance import METADATA_KEY
-
-            results[METADATA_KEY] = wrapper.QuantVLM.last_metadata
         out = original(self, results, samples, datetime_str)
         if self.output_path and getattr(self, "date_id", None):
             path = Path(self.output_path) / self.general_config_tracker.model_name_sanitized / f"{self.date_id}_results.json"
@@ -83,5 +106,5 @@ def manifests():
     from lmms_eval.models.registry_v2 import ModelManifest
 
     _register_tasks()
-    _record_metadata()
+    _note_written_results()
     return [ModelManifest(model_id="quant_vlm", simple_class_path="lmms_quant.model_wrappers.quant_vlm.QuantVLM")]

@@ -34,6 +34,8 @@ from lmms_quant.recipe import METHOD_ARG_KEYS, RECIPE_ARG_KEYS, RecipeError, rec
 from .exits import ConfigurationExit, exit_on_error
 from .lmms_eval_backends import LMMS_EVAL_BACKENDS, backend_for, build_backend
 from .lmms_eval_tasks import LoglikelihoodResult, check_judge_tasks
+from .plugin import carry_metadata_into_results
+from .registry import LIVE_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -57,13 +59,16 @@ class QuantVLM(lmms):
     """
 
     is_simple = True
-    #: Metadata of the most recently built instance; written into the results JSON.
-    last_metadata: dict[str, Any] | None = None
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__()
+        #: what the results JSON records under ``lmms_quant`` (recipe, bpw, modules, hash, versions, serving);
+        #: set when the model is quantized, read by the plugin (:func:`lmms_quant.model_wrappers.plugin.attach_metadata`)
+        self.metadata: dict[str, Any] | None = None
         with exit_on_error("model load"):
             self._setup(**kwargs)
+        LIVE_BACKENDS.add(self)
+        carry_metadata_into_results()
 
     def _parse(self, kwargs: dict[str, Any]) -> str:
         """Check every model_arg before anything loads; returns the device."""
@@ -185,7 +190,7 @@ class QuantVLM(lmms):
         quant_s = time.perf_counter() - t0
         self.report = report
         loaded = self._loaded
-        QuantVLM.last_metadata = {
+        self.metadata = {
             "model": {"name": loaded.name, "path": loaded.path, "revision": self._revision,
                       "class": report.model_class, "family": report.family, "dtype": str(self._model.dtype),
                       "device": str(self._device)},
@@ -201,17 +206,17 @@ class QuantVLM(lmms):
             from lmms_quant.checkpoints import save_quantized
 
             save_quantized(self._model, report, self._save_dir, self.processor)
-            QuantVLM.last_metadata["saved_to"] = str(self._save_dir)
+            self.metadata["saved_to"] = str(self._save_dir)
         if self._real_lowbit:  # after hashing and saving: this swaps the Linear modules for packed kernels
             from lmms_quant.checkpoints import layers_from_report, to_lowbit_
 
             kernels = to_lowbit_(self._model, layers_from_report(self._model, report))
-            QuantVLM.last_metadata["real_lowbit_layers"] = sorted(kernels)
+            self.metadata["real_lowbit_layers"] = sorted(kernels)
 
     def _record_prequantized(self, loaded) -> None:
         """Metadata for a checkpoint that arrived quantized: its saved report, or what detection found."""
         self.report = loaded.saved_report or {"prequantized": loaded.quantization.to_dict()}
-        QuantVLM.last_metadata = {
+        self.metadata = {
             "model": {"name": loaded.name, "path": loaded.path, "revision": self._revision, "class": type(self._model).__name__,
                       "family": loaded.family, "dtype": str(self._model.dtype), "device": str(self._device)},
             "quantization": self.report,

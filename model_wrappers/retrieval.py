@@ -59,7 +59,6 @@ import copy
 import json
 import logging
 import re
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -547,18 +546,20 @@ def check_retrieval_backend(task: str, config: Mapping[str, Any] | None = None) 
 
     Refuses invalid ``retrieval_*`` settings, a run without a quant_vlm model
     (another backend would answer with generated text), and a model family
-    without a scorer.  The family comes from ``QuantVLM.last_metadata``; with
+    without a scorer.  The family comes from the live quant_vlm backends' metadata; with
     ``calib_source=task`` quantization (and so that record) waits for the first
     requests, and the family is checked then, still before any image loads.
     """
     RetrievalSettings.from_generation_kwargs((config or {}).get("generation_kwargs") or {})
-    wrapper = sys.modules.get("lmms_quant.model_wrappers.quant_vlm")
-    if wrapper is None:
+    from .registry import LIVE_BACKENDS
+
+    backends = list(LIVE_BACKENDS)
+    if not backends:
         raise RetrievalRefused(f"task {task}: retrieval tasks are answered by --model quant_vlm (one similarity matrix per "
                                "gallery); no quant_vlm model has been built in this process")
-    meta = getattr(wrapper.QuantVLM, "last_metadata", None)
-    if meta:
-        scorer_for(meta.get("model", {}).get("family"), task)
+    for lm in backends:
+        if lm.metadata:
+            scorer_for(lm.metadata.get("model", {}).get("family"), task)
 
 
 def is_retrieval_request(request) -> bool:
@@ -676,7 +677,7 @@ def retrieve(lm, requests: list, task: str, split: str) -> list[str]:
         answers.append(json.dumps({"i2t": i2t[start:start + n], "t2i": t2i[start:start + n], "gallery": [n_img, n_txt]},
                                   separators=(",", ":")))
         start += n
-    meta = getattr(type(lm), "last_metadata", None)
+    meta = getattr(lm, "metadata", None)
     if isinstance(meta, dict):
         meta.setdefault("retrieval", {})[task] = {"scorer": kind, **stats.to_dict(), "settings": asdict(settings)}
     log.info("retrieval %s: %s scorer, %d images x %d captions: %s", task, kind, n_img, n_txt, stats.to_dict())

@@ -585,7 +585,6 @@ def _run_one(cfg: SweepConfig, spec: SweepSpec, model: _LoadedModel, out: Path, 
     rank, _ = _dist()
     folder = out / cfg.id
     restore_s = model.restore()
-    QuantVLM.last_metadata = None
     with _preloaded(model):
         lm = QuantVLM(**backend_args(cfg, spec))
     staging = folder / f"{STAGING_PREFIX}{os.getpid()}"
@@ -603,7 +602,7 @@ def _run_one(cfg: SweepConfig, spec: SweepSpec, model: _LoadedModel, out: Path, 
     evaluate_s = time.perf_counter() - t0
     if rank != 0 or results is None:
         return
-    meta = QuantVLM.last_metadata  # set when quant_vlm quantized (at construction, or at the first request)
+    meta = lm.metadata  # set when quant_vlm quantized (at construction, or at the first request)
     if meta is None:
         raise RuntimeError("quant_vlm recorded no quantization metadata for this configuration")
     meta["timings_s"].update({"load": round(model.load_s, 3), "restore": round(restore_s, 3), "evaluate": round(evaluate_s, 3)})

@@ -92,15 +92,15 @@ def test_save_reload_prequantized_refuse_requantize_and_real_lowbit(tmp_path):
     first = QuantVLM(pretrained="tiny-random-llava", bits_llm=4, bits_vit=3, save_quantized=str(saved_dir))
     first.task_dict = {"t": {"test": [{"image": Image.new("RGB", (32, 32), "red")}]}}
     expected = first.generate_until(gen_requests(1))
-    sha = QuantVLM.last_metadata["quantization"]["weights_sha256"]
+    sha = first.metadata["quantization"]["weights_sha256"]
 
     # no recipe: evaluate it as saved; a local folder of a LLaVA is served by lmms-eval's llava_hf unless told,
     # and the saved toy was served by quant_vlm itself
     again = QuantVLM(pretrained=str(saved_dir), serve="quant_vlm")
     again.task_dict = first.task_dict
     assert again.generate_until(gen_requests(1)) == expected
-    assert QuantVLM.last_metadata["quantization"]["weights_sha256"] == sha
-    assert QuantVLM.last_metadata["timings_s"]["quantize"] == 0.0
+    assert again.metadata["quantization"]["weights_sha256"] == sha
+    assert again.metadata["timings_s"]["quantize"] == 0.0
 
     with pytest.raises(ConfigurationExit, match=r"already quantized|requantize"):
         QuantVLM(pretrained=str(saved_dir), bits_llm=3)
@@ -108,5 +108,5 @@ def test_save_reload_prequantized_refuse_requantize_and_real_lowbit(tmp_path):
 
     real = QuantVLM(pretrained="tiny-random-llava", bits_llm=4, bits_vit=3, real_lowbit=True)
     real.task_dict = first.task_dict
-    assert len(QuantVLM.last_metadata["real_lowbit_layers"]) == 26
+    assert len(real.metadata["real_lowbit_layers"]) == 26
     assert real.generate_until(gen_requests(1)) == expected

@@ -87,7 +87,7 @@ def test_the_backend_serves_the_quantized_model(tmp_path, one_thread):
     assert lm._delegate.model is lm.model
     w = lm._delegate.model.model.language_model.layers[0].mlp.down_proj.weight
     assert count_levels(w, -1) <= 4
-    assert QuantVLM.last_metadata["serving"]["by"] == "llava_hf"
+    assert lm.metadata["serving"]["by"] == "llava_hf"
 
 
 def test_serve_lmms_eval_is_refused_for_a_family_lmms_eval_has_no_backend_for():

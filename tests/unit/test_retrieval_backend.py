@@ -244,21 +244,28 @@ def test_encoder_decoder_language_models_are_refused():
         R.generative_pair_scorer(build("blip2_t5"), None, [], [], prompt="")
 
 
+class _Backend:
+    """Stands in for a live quant_vlm backend (the registry holds weak references)."""
+
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+
 def test_preflight_refuses_without_quant_vlm_and_for_a_family_without_scorer(monkeypatch):
-    import sys
+    import weakref
 
-    from lmms_quant.model_wrappers import quant_vlm
+    from lmms_quant.model_wrappers import registry
 
-    monkeypatch.delitem(sys.modules, "lmms_quant.model_wrappers.quant_vlm")
+    monkeypatch.setattr(registry, "LIVE_BACKENDS", weakref.WeakSet())
     with pytest.raises(R.RetrievalRefused, match="answered by --model quant_vlm"):
         R.check_retrieval_backend("lq_world_retrieval", {})
-    monkeypatch.setitem(sys.modules, "lmms_quant.model_wrappers.quant_vlm", quant_vlm)
-    monkeypatch.setattr(quant_vlm.QuantVLM, "last_metadata", {"model": {"family": "idefics2"}})
+    backend = _Backend({"model": {"family": "idefics2"}})
+    registry.LIVE_BACKENDS.add(backend)
     with pytest.raises(R.RetrievalRefused, match="'idefics2' cannot do image-text retrieval"):
         R.check_retrieval_backend("lq_world_retrieval", {})
-    monkeypatch.setattr(quant_vlm.QuantVLM, "last_metadata", {"model": {"family": "blip2_itm"}})
+    backend.metadata = {"model": {"family": "blip2_itm"}}
     R.check_retrieval_backend("lq_world_retrieval", {"generation_kwargs": GEN})
-    monkeypatch.setattr(quant_vlm.QuantVLM, "last_metadata", None)  # quantization deferred (calib_source=task): checked per request
+    backend.metadata = None  # quantization deferred (calib_source=task): checked per request
     R.check_retrieval_backend("lq_world_retrieval", {})
 
 

@@ -284,10 +284,17 @@ def test_coco_retrieval_accepts_images_with_more_than_five_captions(monkeypatch,
     assert 0 <= metrics["mean_recall"] <= 100
 
 
+class _Backend:
+    def __init__(self, metadata):
+        self.metadata = metadata
+
+
 def test_retrieval_task_build_refuses_a_family_without_scorer_before_the_data_loads(monkeypatch):
+    import weakref
+
     from lmms_eval.api.task import ConfigurableTask
 
-    from lmms_quant.model_wrappers import quant_vlm
+    from lmms_quant.model_wrappers import registry
     from lmms_quant.tasks._task import CheckedTask
 
     loads = []
@@ -295,11 +302,12 @@ def test_retrieval_task_build_refuses_a_family_without_scorer_before_the_data_lo
     monkeypatch.setattr(ConfigurableTask, "download", lambda self, kw=None: loads.append(kw) or original(self, kw))
     cfg = CONFIGS["lq_world_retrieval"]
     assert cfg["class"] is CheckedTask
-    monkeypatch.setattr(quant_vlm.QuantVLM, "last_metadata", {"model": {"family": "idefics2"}})
+    backend = _Backend({"model": {"family": "idefics2"}})
+    monkeypatch.setattr(registry, "LIVE_BACKENDS", weakref.WeakSet([backend]))
     with pytest.raises(R.RetrievalRefused, match="task lq_world_retrieval: model family 'idefics2' cannot do image-text retrieval"):
         CheckedTask(config=dict(cfg))
     assert loads == []
-    monkeypatch.setattr(quant_vlm.QuantVLM, "last_metadata", {"model": {"family": "clip"}})
+    backend.metadata = {"model": {"family": "clip"}}
     task = CheckedTask(config=dict(cfg))
     assert len(loads) == 1 and len(task.test_docs()) == 20
     assert task.config.generation_kwargs["retrieval"] is True and "preflight" not in task.dump_config()

@@ -28,7 +28,7 @@ from .bpw import bits_per_weight
 from .calibration import INPUT_SCALE_BUFFER, CalibrationSet, attach_input_scale, qparams_of, run_calibrated
 from .errors import CheckError
 from .plan import LayerTarget, QuantPlan, plan
-from .quantizers.rtn import rtn_quantize
+from .quantizers.rtn import _grouped, dequantize_codes, quantize_codes, rtn_quantize
 from .recipe import Recipe
 
 __all__ = ["QuantReport", "QuantizationCheckError", "quantize_", "count_levels", "weights_hash"]
@@ -92,6 +92,24 @@ def count_levels(w: torch.Tensor, group_size: int, g_idx: torch.Tensor | None = 
     return int(distinct.max())
 
 
+def on_grid(w: torch.Tensor, qparams: dict[str, Any]) -> bool:
+    """True when every value of ``w`` is ``scale * (code - zero)`` of its group for an integer code in
+    ``[0, 2^bits - 1]``: then no group holds more than ``2^bits`` distinct values.
+
+    A linear-time proof of what :func:`count_levels` counts (a sort per group); ``False`` means
+    only "not proven" (act-order's regrouped columns, scales of another shape), and the caller counts.
+    """
+    if qparams.get("g_idx") is not None or qparams.get("group_size") is None:
+        return False
+    g = _grouped(w.detach().reshape(w.shape[0], -1).float(), qparams["group_size"])
+    scale = qparams["scale"].to(g.device, torch.float32).reshape(-1, 1)
+    zero = qparams["zero"].to(g.device, torch.float32).reshape(-1, 1)
+    if scale.shape[0] != g.shape[0] or zero.shape[0] != g.shape[0]:
+        return False
+    grid = dequantize_codes(quantize_codes(g, scale, zero, qparams["bits"]), scale, zero)
+    return bool(torch.equal(grid.to(w.dtype), g.to(w.dtype)))
+
+
 def weights_hash(model: nn.Module, names: Iterable[str], extra: Iterable[str] = ()) -> str:
     """SHA-256 over the named modules' weights, biases and AWQ input scales (in
     the given order), then over the ``extra`` tensors (e.g. norms that AWQ
@@ -138,7 +156,10 @@ def verify(model: nn.Module, qplan: QuantPlan, qparams: dict[str, dict[str, Any]
         w = modules[t.name].weight
         if w.is_meta:
             raise QuantizationCheckError(f"{t.name}: weight is on the meta device; nothing was quantized")
-        levels = count_levels(w, t.spec.group_size, ((qparams or {}).get(t.name) or {}).get("g_idx"))
+        qp = (qparams or {}).get(t.name) or {}
+        if qp.get("bits") == t.spec.bits and on_grid(w, qp):
+            continue
+        levels = count_levels(w, t.spec.group_size, qp.get("g_idx"))
         if levels > 2**t.spec.bits:
             raise QuantizationCheckError(
                 f"{t.name}: {levels} distinct values in one group, more than 2^{t.spec.bits} = {2**t.spec.bits}; "

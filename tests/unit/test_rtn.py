@@ -87,3 +87,26 @@ def test_bad_group_size_and_bits():
         rtn_quantize(torch.randn(4, 10), 4, group_size=3)
     with pytest.raises(ValueError, match="bits must be in 2..8"):
         compute_qparams(torch.randn(2, 2), 9, True)
+
+
+def test_the_grid_proof_agrees_with_counting_levels():
+    from lmms_quant.apply import count_levels, on_grid
+    from lmms_quant.calibration import qparams_of
+    from lmms_quant.quantizers.rtn import rtn_quantize
+
+    torch.manual_seed(0)
+    for group_size, sym, dtype in [(-1, True, torch.float32), (16, False, torch.float32), (0, False, torch.float32),
+                                   (32, True, torch.bfloat16)]:
+        w = torch.randn(24, 64).to(dtype)
+        qt = rtn_quantize(w, 3, group_size, sym)
+        qp = qparams_of(qt)
+        assert on_grid(qt.weight, qp) and count_levels(qt.weight, group_size) <= 8
+        row = qt.weight[3, :16]
+        j = next(i for i in range(16) if int((row == row[i]).sum()) > 1)  # a value that occurs twice in its group
+        off = qt.weight.clone()
+        off[3, j] += 0.123  # moved off the grid: not proven, and its group gains a level
+        assert not on_grid(off, qp)
+        group = (slice(None), slice(None)) if group_size == 0 else (3, slice(0, 16 if group_size == 16 else 32 if group_size == 32 else 64))
+        assert torch.unique(off[group]).numel() == torch.unique(qt.weight[group]).numel() + 1
+        assert not on_grid(w, qp)  # the unquantized weight is not on it either
+    assert not on_grid(qt.weight, {**qp, "g_idx": torch.zeros(64, dtype=torch.long)})  # act-order: left to counting

@@ -50,6 +50,16 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
+def _close_progress_bars() -> None:
+    """Close the progress bars left open (ours and lmms-eval's backends'), so the line starts on its own."""
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        return
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def _want_traceback() -> bool:
     return os.environ.get("VERBOSITY", "").upper() == "DEBUG" or os.environ.get("LMMS_QUANT_TRACEBACK") == "1"
 
@@ -61,6 +71,7 @@ def exit_on_error(stage: str) -> Iterator[None]:
         yield
     except BackendExit as exc:
         if not exc.printed:
+            _close_progress_bars()
             print(exc.message, file=sys.stderr, flush=True)
             exc.printed = True
         raise
@@ -70,6 +81,7 @@ def exit_on_error(stage: str) -> Iterator[None]:
         if _want_traceback():
             traceback.print_exc()
         message = f"lmms-quant: {stage} failed: {one_line(exc)}"
+        _close_progress_bars()
         print(message, file=sys.stderr, flush=True)
         out = BackendExit(message, exit_status(exc))
         out.printed = True

@@ -9,11 +9,7 @@ import pytest  # noqa: E402
 
 #: Tests of the slow tier (make test-slow) besides every e2e test: zoo training runs and the heaviest checks.
 SLOW_TESTS = {
-    "tests/unit/test_zoo_train.py::test_two_stages_are_bit_reproducible",
-    "tests/unit/test_zoo_train.py::test_quantize_component_schemes",
-    "tests/unit/test_zoo_blip2.py::test_slot_position_bins_reach_the_slot_loss",
     "tests/unit/test_zoo_blip2.py::test_blip2_stage_two_from_itm_is_bit_reproducible",
-    "tests/unit/test_zoo_blip2.py::test_starting_points_are_trained_first_and_leave_the_random_state",
     "tests/unit/test_gptq_kernel.py::test_gptq_quantize_triton_matches_torch_for_every_grouping",
 }
 

@@ -27,6 +27,7 @@ from lmms_quant.cache import default_cache_dir
 from lmms_quant.calibration import CalibrationSet
 from lmms_quant.calibration_data import build_calibration_set, load_calibration_rows, resolve_source
 from lmms_quant.checkpoints import AlreadyQuantizedError, ensure_not_quantized
+from lmms_quant.errors import CheckError
 from lmms_quant.models import check_device, format_prompt, is_bundled, is_encoder_decoder, load_vlm, resolve_dtype, resolve_pretrained
 from lmms_quant.provenance import library_versions
 from lmms_quant.recipe import METHOD_ARG_KEYS, RECIPE_ARG_KEYS, RecipeError, recipe_from_args
@@ -282,14 +283,35 @@ class QuantVLM(lmms):
         """Batched generation, grouped by identical generation settings, left padded."""
         with exit_on_error("evaluation (generate_until)"):
             check_judge_tasks({r.args[4] for r in requests})
-            return self._generate_until(requests)
+            out = self._generate_until(requests)
+            self._check_ranks_agree()
+            return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[LoglikelihoodResult]:
         """lmms-eval's convention: ``(mean negative log-likelihood of the continuation, is_greedy)``, as
         :class:`LoglikelihoodResult` so that lmms-eval 0.7.x's multiple_choice scoring receives the pair."""
         with exit_on_error("evaluation (loglikelihood)"):
             check_judge_tasks({r.args[4] for r in requests})
-            return [LoglikelihoodResult(*r) for r in self._loglikelihood(requests)]
+            out = [LoglikelihoodResult(*r) for r in self._loglikelihood(requests)]
+            self._check_ranks_agree()
+            return out
+
+    def _check_ranks_agree(self) -> None:
+        """With several processes (torchrun), every rank quantizes the model itself: their weight hashes must be
+        equal.  Checked once, after the first requests (lmms-eval starts the process group when it evaluates);
+        recorded under ``ranks``; a rank that differs is a CheckError."""
+        import torch.distributed as dist
+
+        if self.metadata is None or "ranks" in self.metadata or not (dist.is_available() and dist.is_initialized()):
+            return
+        if dist.get_world_size() < 2:
+            return
+        hashes = [None] * dist.get_world_size()
+        dist.all_gather_object(hashes, self.metadata["quantization"].get("weights_sha256"))
+        self.metadata["ranks"] = {"world_size": dist.get_world_size(), "weights_sha256_equal": len(set(hashes)) == 1}
+        if len(set(hashes)) != 1:
+            raise CheckError(f"the {len(hashes)} ranks quantized to different weights (weights_sha256 per rank: "
+                             f"{', '.join(str(h)[:12] for h in hashes)}); the results would mix models")
 
     def _forward(self, method: str, requests: list[Instance]):
         """Hand ``requests`` to lmms-eval's backend, which reads the same documents."""

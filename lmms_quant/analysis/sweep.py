@@ -79,7 +79,7 @@ MANIFEST_VERSION = 1
 
 #: Backend keys a model entry may set (forwarded as quant_vlm ``--model_args``).
 MODEL_KEYS = ("pretrained", "name", "revision", "device", "dtype", "device_map", "trust_remote_code", "attn_implementation",
-              "max_new_tokens", "verify", "cache", "cache_dir")
+              "max_new_tokens", "verify", "cache", "cache_dir", "serve")
 SPEC_KEYS = ("name", "output", "models", "methods", "bits", "design", "recipe", "calibration", "tasks", "limit", "batch_size",
              "log_samples", "include_fp", "seed", "bootstrap_iters", "gen_kwargs", "slurm")
 DESIGNS = ("factorial", "one_at_a_time")
@@ -784,7 +784,8 @@ def _submit(spec: SweepSpec, out: Path, todo: list[SweepConfig], *, retry_failed
         params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
     ex.update_parameters(**params)
     chunks = _chunks(todo, jobs)
-    submitted = [ex.submit(run_configs, spec, str(out), ids, retry_failed=retry_failed) for ids in chunks]
+    with ex.batch():  # one job array on SLURM (one sbatch, one array task per chunk)
+        submitted = [ex.submit(run_configs, spec, str(out), ids, retry_failed=retry_failed) for ids in chunks]
     emit(f"[sweep {spec.name}] submitted {len(submitted)} {executor} job(s): {', '.join(str(j.job_id) for j in submitted)}")
     if not wait:
         return

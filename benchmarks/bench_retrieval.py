@@ -36,7 +36,7 @@ def main() -> None:
 
     import torch
 
-    from lmms_quant.model_wrappers import retrieval as R
+    from lmms_quant import retrieval as RL
     from tests.fixtures.tiny_retrieval import WORDS, tiny_blip2_itm, tiny_clip
 
     torch.set_num_threads(args.threads)
@@ -51,18 +51,18 @@ def main() -> None:
 
     for name in ("clip", "blip2_itm"):
         model, processor = tiny_clip() if name == "clip" else tiny_blip2_itm()
-        stats = R.RetrievalStats(n_images=n_img, n_texts=n_txt)
+        stats = RL.RetrievalStats(n_images=n_img, n_texts=n_txt)
         t0 = time.perf_counter()
         with torch.inference_mode():
             if name == "clip":
-                sim = R.dual_encoder_similarity(model, processor, pixels, captions, batch_size=args.batch_size, stats=stats)
+                sim = RL.dual_encoder_similarity(model, processor, pixels, captions, batch_size=args.batch_size, stats=stats)
                 i2t_scores = t2i_scores = sim
             else:
-                i2t_scores, t2i_scores = R.blip2_itm_retrieval(model, processor, pixels, captions, k_test=args.k_test,
+                i2t_scores, t2i_scores = RL.blip2_itm_retrieval(model, processor, pixels, captions, k_test=args.k_test,
                                                                batch_size=args.batch_size, pair_batch_size=args.pair_batch_size,
                                                                stats=stats)
             t1 = time.perf_counter()
-            R.caption_ranks(i2t_scores, t2i_scores, owner)
+            RL.caption_ranks(i2t_scores, t2i_scores, owner)
         t2 = time.perf_counter()
         print(f"{name:<12} {stats.image_encode_s:>9.2f}s {stats.text_encode_s:>9.2f}s {stats.similarity_s:>9.2f}s "
               f"{stats.rerank_s:>9.2f}s {t2 - t1:>7.2f}s {t2 - t0:>7.2f}s   image {stats.image_forwards}, text {stats.text_forwards}, "

@@ -25,7 +25,7 @@ of another image in the batch counts as a positive of both
 caption away and ITM never draws it as a negative.
 
 The learning curve is LAVIS's two-stage retrieval (ITC, then ITM + ITC on each
-query's ``k_test`` best candidates, :func:`lmms_quant.model_wrappers.retrieval.blip2_itm_retrieval`,
+query's ``k_test`` best candidates, :func:`lmms_quant.retrieval.blip2_itm_retrieval`,
 the code lmms-eval runs through ``quant_vlm``) on the first ``eval_items``
 calibration images and their captions.
 """
@@ -171,7 +171,7 @@ def retrieval_metrics(model, processor, rows: Sequence[dict], k_test: int = 16, 
     """Recall@1/5/10 both ways (percent) of LAVIS two-stage retrieval over ``rows``
     (each an ``image`` with its ``caption`` list), exactly as ``quant_vlm`` scores it."""
     from lmms_quant.metrics import recall_at_k
-    from lmms_quant.model_wrappers.retrieval import blip2_itm_retrieval
+    from lmms_quant.retrieval import blip2_itm_retrieval
 
     model.eval()
     images = [r["image"] for r in rows]

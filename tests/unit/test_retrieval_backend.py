@@ -9,6 +9,7 @@ import torch
 from lmms_eval.api.instance import Instance
 from PIL import Image
 
+from lmms_quant import retrieval as RL
 from lmms_quant.metrics import recall_at_k, retrieval_ranks
 from lmms_quant.model_wrappers import retrieval as R
 from lmms_quant.tasks._common import RETRIEVAL_METRICS, TaskDataError, retrieval_aggregate, retrieval_process_results
@@ -27,7 +28,7 @@ OWNER = [0, 0, 1, 1, 2, 2]
 
 
 def test_caption_ranks_on_a_hand_made_similarity():
-    i2t, t2i = R.caption_ranks(SIM, SIM, OWNER)
+    i2t, t2i = RL.caption_ranks(SIM, SIM, OWNER)
     assert i2t.tolist() == [0, 4, 4, 1, 1, 1]
     # column t: images scoring strictly above its own, e.g. caption 1 (0.1 for image 0): 0.4 and 0.9 -> 2
     assert t2i.tolist() == [0, 2, 1, 0, 1, 0]
@@ -45,7 +46,7 @@ def _items(i2t, t2i, owner, n_img):
 
 
 def test_aggregation_equals_recall_at_k():
-    i2t, t2i = R.caption_ranks(SIM, SIM, OWNER)
+    i2t, t2i = RL.caption_ranks(SIM, SIM, OWNER)
     items = _items(i2t.tolist(), t2i.tolist(), OWNER, 3)
     got = {m: retrieval_aggregate(m)(items) for m in RETRIEVAL_METRICS}
     ref = recall_at_k(SIM, OWNER)
@@ -56,7 +57,7 @@ def test_aggregation_equals_recall_at_k():
 
 
 def test_aggregation_refuses_an_incomplete_gallery():
-    i2t, t2i = R.caption_ranks(SIM, SIM, OWNER)
+    i2t, t2i = RL.caption_ranks(SIM, SIM, OWNER)
     items = _items(i2t.tolist(), t2i.tolist(), OWNER, 3)
     with pytest.raises(TaskDataError, match="do not form one gallery"):
         retrieval_aggregate("i2t_R@1")(items[:2])
@@ -71,8 +72,8 @@ def test_rerank_scores_each_candidate_pair_once_and_leaves_the_rest_at_minus_inf
         calls.append(pairs.clone())
         return (10 * pairs[:, 0] + pairs[:, 1]).float()
 
-    stats = R.RetrievalStats()
-    i2t, t2i = R.rerank_top_k(SIM, 2, score, add_first=False, pair_batch_size=4, stats=stats)
+    stats = RL.RetrievalStats()
+    i2t, t2i = RL.rerank_top_k(SIM, 2, score, add_first=False, pair_batch_size=4, stats=stats)
     pairs = torch.cat(calls)
     keys = (pairs[:, 0] * 6 + pairs[:, 1]).tolist()
     assert len(keys) == len(set(keys)) == stats.rerank_pairs
@@ -82,7 +83,7 @@ def test_rerank_scores_each_candidate_pair_once_and_leaves_the_rest_at_minus_inf
     assert i2t[0, 0] == 0 and i2t[0, 2] == 2 and i2t[2, 1] == 21
     assert stats.rerank_forwards == (stats.rerank_pairs + 3) // 4
     # with k covering everything, re-ranking scores every pair: the result is the full matrix, both ways
-    full_i2t, full_t2i = R.rerank_top_k(SIM, 10, lambda p: SIM[p[:, 0], p[:, 1]], add_first=True)
+    full_i2t, full_t2i = RL.rerank_top_k(SIM, 10, lambda p: SIM[p[:, 0], p[:, 1]], add_first=True)
     assert torch.equal(full_i2t, 2 * SIM) and torch.equal(full_t2i, 2 * SIM)
 
 
@@ -97,9 +98,9 @@ CAPTIONS = ["a red circle", "a small red circle", "two blue squares", "a blue sq
 def test_dual_encoder_similarity_is_clips_cosine_similarity():
     model, processor = tiny_clip()
     images = _images(3)
-    stats = R.RetrievalStats()
+    stats = RL.RetrievalStats()
     with torch.inference_mode():
-        sim = R.dual_encoder_similarity(model, processor, images, CAPTIONS, batch_size=2, stats=stats)
+        sim = RL.dual_encoder_similarity(model, processor, images, CAPTIONS, batch_size=2, stats=stats)
         ref = model(**processor(text=CAPTIONS, images=images, return_tensors="pt", padding=True)).logits_per_image / model.logit_scale.exp()
     assert sim.shape == (3, 6)
     torch.testing.assert_close(sim, ref, atol=1e-5, rtol=1e-5)
@@ -110,14 +111,14 @@ def test_blip2_itc_and_itm_match_transformers_forward():
     model, processor = tiny_blip2_itm()
     images = _images(2)
     with torch.inference_mode():
-        gallery = R.blip2_encode(model, processor, images, CAPTIONS[:3], batch_size=2, max_text_len=35)
-        itc = R.blip2_itc_similarity(gallery.image_feats, gallery.text_feats)
+        gallery = RL.blip2_encode(model, processor, images, CAPTIONS[:3], batch_size=2, max_text_len=35)
+        itc = RL.blip2_itc_similarity(gallery.image_feats, gallery.text_feats)
         px = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
         tok = processor.tokenizer(CAPTIONS[:3], padding=True, return_tensors="pt")
         for i in range(2):
             out = model(pixel_values=px[i:i + 1], input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
             torch.testing.assert_close(itc[i], out.logits_per_image[0], atol=1e-5, rtol=1e-5)
-            itm = R.blip2_itm_logits(model, gallery.vit[[i] * 3], gallery.text_ids, gallery.text_mask)
+            itm = RL.blip2_itm_logits(model, gallery.vit[[i] * 3], gallery.text_ids, gallery.text_mask)
             ref = model(pixel_values=px[[i] * 3], input_ids=tok["input_ids"], attention_mask=tok["attention_mask"],
                         use_image_text_matching_head=True).logits_per_image[:, 1]
             torch.testing.assert_close(itm, ref, atol=1e-5, rtol=1e-5)
@@ -126,13 +127,13 @@ def test_blip2_itc_and_itm_match_transformers_forward():
 def test_blip2_two_stage_with_k_covering_the_gallery_is_itm_plus_itc_everywhere():
     model, processor = tiny_blip2_itm()
     images = _images(3)
-    stats = R.RetrievalStats()
+    stats = RL.RetrievalStats()
     with torch.inference_mode():
-        i2t, t2i = R.blip2_itm_retrieval(model, processor, images, CAPTIONS, k_test=128, batch_size=2, pair_batch_size=5, stats=stats)
-        g = R.blip2_encode(model, processor, images, CAPTIONS, batch_size=8)
-        itc = R.blip2_itc_similarity(g.image_feats, g.text_feats)
+        i2t, t2i = RL.blip2_itm_retrieval(model, processor, images, CAPTIONS, k_test=128, batch_size=2, pair_batch_size=5, stats=stats)
+        g = RL.blip2_encode(model, processor, images, CAPTIONS, batch_size=8)
+        itc = RL.blip2_itc_similarity(g.image_feats, g.text_feats)
         pairs = torch.cartesian_prod(torch.arange(3), torch.arange(6))
-        full = (R.blip2_itm_logits(model, g.vit[pairs[:, 0]], g.text_ids[pairs[:, 1]], g.text_mask[pairs[:, 1]]).view(3, 6) + itc)
+        full = (RL.blip2_itm_logits(model, g.vit[pairs[:, 0]], g.text_ids[pairs[:, 1]], g.text_mask[pairs[:, 1]]).view(3, 6) + itc)
     torch.testing.assert_close(i2t, full, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(t2i, full, atol=1e-5, rtol=1e-5)
     assert stats.rerank_pairs == 18 and stats.rerank_forwards == 4 and stats.image_forwards == 2 and stats.text_forwards == 3
@@ -150,7 +151,7 @@ def test_generative_score_is_the_mean_caption_log_likelihood(tiny_llava, prefix_
     model, processor = tiny_llava.model, tiny_llava.processor
     images = _images(2, 32)
     prompt = "USER: <image>\nProvide a one-sentence caption for the provided image. ASSISTANT:"
-    score = R.generative_pair_scorer(model, processor, images, CAPTIONS[:2], prompt=prompt, prefix_cache=prefix_cache)
+    score = RL.generative_pair_scorer(model, processor, images, CAPTIONS[:2], prompt=prompt, prefix_cache=prefix_cache)
     with torch.inference_mode():
         got = score(torch.tensor([[0, 0], [1, 1], [0, 1]]))
         for (i, t), value in zip([(0, 0), (1, 1), (0, 1)], got):
@@ -191,7 +192,7 @@ def test_serving_answers_each_image_with_ranks_and_keeps_other_requests_in_order
     assert all(set(p) == {"i2t", "t2i", "gallery"} and p["gallery"] == [3, 6] and len(p["i2t"]) == 2 for p in parsed)
     assert max(len(a) for a in (answers[0], answers[1], answers[3])) < 80  # ranks only, no embeddings
     with torch.inference_mode():
-        sim = R.dual_encoder_similarity(model, processor, [d["image"] for d in DOCS], CAPTIONS)
+        sim = RL.dual_encoder_similarity(model, processor, [d["image"] for d in DOCS], CAPTIONS)
     items = [retrieval_process_results(DOCS[j], [answers[k]])["i2t_R@1"] for j, k in ((0, 1), (1, 3), (2, 0))]
     ref = recall_at_k(sim, OWNER)
     assert {m: retrieval_aggregate(m)(items) for m in RETRIEVAL_METRICS} == pytest.approx({m: ref[m] for m in RETRIEVAL_METRICS})
@@ -231,17 +232,17 @@ def test_refusals_come_before_any_image_loads(monkeypatch):
         R.retrieve(_lm(None, None, "llava"), tight, "lq_test_retrieval", "test")
     with pytest.raises(R.RetrievalRefused, match="whole gallery in one process"):
         R.serve_with_retrieval(types.SimpleNamespace(world_size=2), requests, lambda r: [])
-    with pytest.raises(R.RetrievalRefused, match="retrieval_k_test must be >= 10"):
-        R.RetrievalSettings.from_generation_kwargs({"retrieval": True, "retrieval_k_test": 5})
-    with pytest.raises(R.RetrievalRefused, match="unknown setting 'retrieval_topk'; valid: retrieval_batch_size"):
-        R.RetrievalSettings.from_generation_kwargs({"retrieval_topk": 5})
+    with pytest.raises(RL.RetrievalError, match="retrieval_k_test must be >= 10"):
+        RL.RetrievalSettings.from_generation_kwargs({"retrieval": True, "retrieval_k_test": 5})
+    with pytest.raises(RL.RetrievalError, match="unknown setting 'retrieval_topk'; valid: retrieval_batch_size"):
+        RL.RetrievalSettings.from_generation_kwargs({"retrieval_topk": 5})
 
 
 def test_encoder_decoder_language_models_are_refused():
     from tests.fixtures.tiny_models import build
 
-    with pytest.raises(R.RetrievalRefused, match="encoder-decoder language model"):
-        R.generative_pair_scorer(build("blip2_t5"), None, [], [], prompt="")
+    with pytest.raises(RL.RetrievalError, match="encoder-decoder language model"):
+        RL.generative_pair_scorer(build("blip2_t5"), None, [], [], prompt="")
 
 
 class _Backend:
@@ -286,5 +287,5 @@ def test_bad_documents_name_the_document_and_the_field():
 
 
 def test_blip_caption_preprocessing_as_lavis():
-    assert R.blip_caption('A dog: "running"  on (the) GRASS.\n') == "a dog running on the grass"
-    assert len(R.blip_caption(" ".join(["w"] * 60)).split()) == 50
+    assert RL.blip_caption('A dog: "running"  on (the) GRASS.\n') == "a dog running on the grass"
+    assert len(RL.blip_caption(" ".join(["w"] * 60)).split()) == 50

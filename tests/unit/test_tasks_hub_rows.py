@@ -13,6 +13,7 @@ import torch
 from lmms_eval.utils import load_yaml_config
 from PIL import Image
 
+from lmms_quant import retrieval as RL
 from lmms_quant.metrics import recall_at_k
 from lmms_quant.model_wrappers import retrieval as R
 from lmms_quant.models import format_prompt
@@ -108,7 +109,7 @@ def test_study_tasks_inherit_data_and_set_the_studys_prompts_and_decoding():
     assert llava["generation_kwargs"]["num_beams"] == 1 and not llava["generation_kwargs"]["do_sample"]
     assert CONFIGS["lq_study_blip2_gqa"]["dataset_name"] == "testdev_balanced_instructions"
     itm = CONFIGS["lq_study_blip2_itm_flickr30k"]["generation_kwargs"]
-    settings = R.RetrievalSettings.from_generation_kwargs(itm)
+    settings = RL.RetrievalSettings.from_generation_kwargs(itm)
     assert (settings.k_test, settings.max_text_len, settings.text_preprocess, settings.captions_per_image) == (128, 35, "blip", 5)
     assert CONFIGS["lq_study_blip2_coco_cap"]["doc_to_text"](rows("coco2017_cap_val.jsonl")[0], kwargs(CONFIGS["lq_study_blip2_coco_cap"])) == ""
 
@@ -265,7 +266,7 @@ def test_retrieval_tasks_end_to_end_through_their_yaml_functions(task, fixture, 
     captions = [c for d in docs for c in d[field]]
     owner = [j for j, d in enumerate(docs) for _ in d[field]]
     with torch.inference_mode():
-        sim = R.dual_encoder_similarity(model, processor, [cfg["doc_to_visual"](d)[0] for d in docs], captions)
+        sim = RL.dual_encoder_similarity(model, processor, [cfg["doc_to_visual"](d)[0] for d in docs], captions)
     ref = recall_at_k(sim, owner)
     assert metrics == pytest.approx({m: ref[m] for m in RETRIEVAL_METRICS})
 

@@ -25,4 +25,4 @@ __all__ = [
     "recipe_from_args",
 ]
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401

@@ -41,7 +41,7 @@ def default_cache_dir() -> Path:
 
 
 def code_version() -> str:
-    from . import __version__
+    from ._version import __version__
 
     h = hashlib.sha256(__version__.encode())
     root = Path(__file__).resolve().parent

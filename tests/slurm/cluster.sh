@@ -55,6 +55,9 @@ CONF
     exit 1
     ;;
 stop)
-    pkill -x slurmd || true; pkill -x slurmctld || true
+    export SLURM_CONF="$dir/slurm.conf"
+    scancel --full --user "$(id -un)" 2>/dev/null || true   # no job step outlives the cluster
+    for _ in $(seq 1 20); do [ -z "$(squeue -h 2>/dev/null)" ] && break; sleep 0.5; done
+    pkill -x slurmd || true; pkill -x slurmctld || true; pkill -x slurmstepd || true
     ;;
 esac

@@ -47,7 +47,8 @@ def test_two_processes_give_exactly_the_results_of_one(tmp_path):
         for key, value in metrics.items():
             expected = pytest.approx(value, rel=1e-12) if isinstance(value, float) else value
             assert two["results"][task][key] == expected, (task, key)
-    assert proc.stderr.count("quant_vlm generate: 100%|██████████| 8/8") == 2  # each rank answered its half of the 16
+    # the requests were split: rank 0 (whose progress bar shows; the other ranks' are off) answered 8 of the 16
+    assert "quant_vlm generate: 100%|██████████| 8/8" in proc.stderr and "16/16" not in proc.stderr
     q1, q2 = one["lmms_quant"], two["lmms_quant"]
     assert q2["quantization"]["weights_sha256"] == q1["quantization"]["weights_sha256"]
     assert q2["ranks"] == {"world_size": 2, "weights_sha256_equal": True} and "ranks" not in q1

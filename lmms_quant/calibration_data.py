@@ -47,7 +47,7 @@ from .errors import DataError
 from .models import format_prompt
 from .recipe import DEFAULT_HUB_CALIBRATION, CalibrationSpec, RecipeError
 
-__all__ = ["WORLD_CALIBRATION", "CalibrationRows", "resolve_source", "load_calibration_rows", "load_records",
+__all__ = ["WORLD_CALIBRATION", "CalibrationRows", "resolve_source", "load_calibration_rows", "prepare_calibration", "load_records",
            "build_calibration_set", "VQA_PROMPTS", "IMAGE_COLUMNS", "TEXT_COLUMNS", "QUESTION_COLUMNS"]
 
 log = logging.getLogger(__name__)
@@ -107,6 +107,18 @@ def resolve_source(spec: CalibrationSpec, model_name: str | None, bundled: bool)
     if bundled:
         return dataclasses.replace(spec, source="world")
     return dataclasses.replace(spec, source=DEFAULT_HUB_CALIBRATION["source"], split=spec.split or DEFAULT_HUB_CALIBRATION["split"])
+
+
+def prepare_calibration(recipe, pretrained: str | None, model_name: str | None = None):
+    """``(recipe, rows)`` for a run about to load ``pretrained``: ``calib_source=auto`` resolved in the
+    recipe (what the results record) and its rows read and checked, before any model loads.  ``rows``
+    is None when the recipe needs no calibration data or calibrates on the task's own documents."""
+    if not recipe.needs_calibration or recipe.calibration.source == "task":
+        return recipe, None
+    from .models import is_bundled
+
+    spec = resolve_source(recipe.calibration, model_name or pretrained, is_bundled(pretrained))
+    return dataclasses.replace(recipe, calibration=spec), load_calibration_rows(spec, model_name=model_name or pretrained)
 
 
 def _world_dir() -> Path:

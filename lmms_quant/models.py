@@ -23,7 +23,7 @@ from .architectures import ARCHITECTURES
 from .errors import ConfigurationError
 
 __all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "format_prompt", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype",
-           "is_encoder_decoder", "is_bundled", "check_device", "ModelNotFoundError"]
+           "is_encoder_decoder", "is_bundled", "check_device", "ModelNotFoundError", "chat_template_of"]
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,15 @@ class LoadedVLM:
     saved_report: dict | None = None
 
 
+def chat_template_of(processor) -> str | None:
+    """The processor's (or its tokenizer's) chat template, if it has one."""
+    return getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
+
+
 def format_prompt(processor, family: str, text: str, n_images: int) -> str:
     """``text`` (lmms-eval's context) with ``n_images`` images in the model's prompt format:
     the processor's chat template when it has one, else :data:`PROMPT_TEMPLATES`."""
-    template = getattr(processor, "chat_template", None) or getattr(getattr(processor, "tokenizer", None), "chat_template", None)
-    if template:
+    if chat_template_of(processor):
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": text}]
         return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     fmt = PROMPT_TEMPLATES.get(family, "{prompt}")

@@ -35,7 +35,6 @@ so ``--model quant_llm`` works through ``lmms-quant lm-eval`` (which imports
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -51,9 +50,9 @@ from torch import nn
 from lmms_quant.apply import quantize_
 from lmms_quant.architectures import ARCHITECTURES
 from lmms_quant.cache import default_cache_dir
-from lmms_quant.calibration_data import build_calibration_set, load_calibration_rows, resolve_source
+from lmms_quant.calibration_data import build_calibration_set, prepare_calibration
 from lmms_quant.errors import ConfigurationError as LmmsQuantConfigurationError
-from lmms_quant.models import is_bundled, is_encoder_decoder, load_vlm, resolve_dtype, resolve_pretrained
+from lmms_quant.models import is_encoder_decoder, load_vlm, resolve_dtype, resolve_pretrained
 from lmms_quant.provenance import METADATA_KEY, library_versions
 from lmms_quant.recipe import RECIPE_ARG_KEYS, RecipeError, recipe_from_args
 
@@ -254,10 +253,8 @@ class QuantLLM(HFLM):
         except ValueError as exc:
             raise ConfigurationError(str(exc)) from None
         calib_rows = None
-        if recipe.needs_calibration and isinstance(pretrained, (str, type(None))):
-            spec = resolve_source(recipe.calibration, pretrained, is_bundled(pretrained))
-            recipe = dataclasses.replace(recipe, calibration=spec)
-            calib_rows = load_calibration_rows(spec, model_name=pretrained)
+        if isinstance(pretrained, (str, type(None))):  # read and checked before the model loads
+            recipe, calib_rows = prepare_calibration(recipe, pretrained)
         device = _resolve_device(kwargs.get("device"))
         torch.manual_seed(recipe.seed)
 

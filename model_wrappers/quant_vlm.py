@@ -11,7 +11,6 @@ JSON under the key ``lmms_quant`` (see :mod:`lmms_quant.model_wrappers.plugin`).
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import time
@@ -25,10 +24,20 @@ from tqdm import tqdm
 from lmms_quant.apply import quantize_
 from lmms_quant.cache import default_cache_dir
 from lmms_quant.calibration import CalibrationSet
-from lmms_quant.calibration_data import build_calibration_set, load_calibration_rows, resolve_source
+from lmms_quant.calibration_data import build_calibration_set, prepare_calibration
 from lmms_quant.checkpoints import AlreadyQuantizedError, ensure_not_quantized
 from lmms_quant.errors import CheckError
-from lmms_quant.models import check_device, format_prompt, is_bundled, is_encoder_decoder, load_vlm, resolve_dtype, resolve_pretrained
+from lmms_quant.models import (
+    PROMPT_TEMPLATES,
+    chat_template_of,
+    check_device,
+    format_prompt,
+    is_bundled,
+    is_encoder_decoder,
+    load_vlm,
+    resolve_dtype,
+    resolve_pretrained,
+)
 from lmms_quant.provenance import library_versions
 from lmms_quant.recipe import METHOD_ARG_KEYS, RECIPE_ARG_KEYS, RecipeError, recipe_from_args
 
@@ -107,13 +116,8 @@ class QuantVLM(lmms):
         device = self._parse(kwargs)
         torch.manual_seed(self.recipe.seed)
         name, _ = resolve_pretrained(kwargs.get("pretrained"))
-        calib_rows = None
-        if self.recipe.needs_calibration and self.recipe.calibration.source != "task":
-            # resolve calib_source=auto and read the calibration data before the model loads
-            spec = resolve_source(self.recipe.calibration, name, is_bundled(kwargs.get("pretrained")))
-            self.recipe = dataclasses.replace(self.recipe, calibration=spec)
-            with exit_on_error("reading the calibration data"):
-                calib_rows = load_calibration_rows(spec, model_name=name)
+        with exit_on_error("reading the calibration data"):  # before the model loads
+            self.recipe, calib_rows = prepare_calibration(self.recipe, kwargs.get("pretrained"), model_name=name)
 
         t0 = time.perf_counter()
         loaded = load_vlm(
@@ -178,8 +182,8 @@ class QuantVLM(lmms):
             return {"by": ref.name, "backend_class": ref.class_path, "lmms_eval": library_versions().get("lmms-eval"),
                     "batch_size": self._delegate.batch_size,
                     "not_served_by_it": {k: f"quant_vlm ({why})" for k, why in ref.lacks}}
-        return {"by": "quant_vlm", "prompt_format": "study" if self.family in ("blip2",) or bundled else "processor chat template",
-                "lmms_eval_backend": ref.name if ref else None}
+        template = "the processor's chat template" if chat_template_of(self.processor) else PROMPT_TEMPLATES.get(self.family, "{prompt}")
+        return {"by": "quant_vlm", "prompt_format": template, "lmms_eval_backend": ref.name if ref else None}
 
     def _quantize(self, calibration) -> None:
         """Quantize the loaded model with the recipe and record the run's metadata."""
@@ -329,54 +333,52 @@ class QuantVLM(lmms):
         order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))
         results: list[str | None] = [None] * len(requests)
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm generate")
-        try:
-            i = 0
-            while i < len(order):
-                key = repr(sorted(requests[order[i]].args[1].items()))
-                batch_idx = [order[i]]
-                while len(batch_idx) < self.batch_size and i + len(batch_idx) < len(order) and \
-                        repr(sorted(requests[order[i + len(batch_idx)]].args[1].items())) == key:
-                    batch_idx.append(order[i + len(batch_idx)])
-                i += len(batch_idx)
-                gen_kwargs = dict(requests[batch_idx[0]].args[1])
-                until = gen_kwargs.pop("until", None)
-                until = [until] if isinstance(until, str) else list(until or [])
-                texts, images = [], []
-                for j in batch_idx:
-                    ctx, _, doc_to_visual, doc_id, task, split = requests[j].args
-                    ims = self._visuals(doc_to_visual, task, split, doc_id)
-                    images.append(ims)
-                    texts.append(self._format(ctx, len(ims)))
-                inputs = self._inputs(texts, images)
-                temperature = float(gen_kwargs.get("temperature", 0) or 0)
-                num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
-                gen = {
-                    "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
-                    "do_sample": temperature > 0,
-                    "num_beams": num_beams,
-                    "pad_token_id": self.tokenizer.pad_token_id,
-                }
-                if temperature > 0:
-                    gen["temperature"] = temperature
-                    if gen_kwargs.get("top_p") is not None:
-                        gen["top_p"] = float(gen_kwargs["top_p"])
-                for key in PASSED_GEN_KWARGS:
-                    if gen_kwargs.get(key) is not None:
-                        gen[key] = gen_kwargs[key]
-                with torch.inference_mode():
-                    out = self._model.generate(**inputs, **gen)
-                # A decoder-only LM returns the prompt and the new tokens; an encoder-decoder LM (BLIP-2's Flan-T5) the decoder's only.
-                new_tokens = out if self._encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
-                decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-                for j, text in zip(batch_idx, decoded):
-                    for stop in until:
-                        if stop and stop in text:
-                            text = text.split(stop)[0]
-                    results[j] = text.strip()
-                    self.cache_hook.add_partial("generate_until", (requests[j].args[0], requests[j].args[1]), results[j])
-                pbar.update(len(batch_idx))
-        finally:  # closed before an error is reported, so its line starts on a line of its own
-            pbar.close()
+        i = 0
+        while i < len(order):
+            key = repr(sorted(requests[order[i]].args[1].items()))
+            batch_idx = [order[i]]
+            while len(batch_idx) < self.batch_size and i + len(batch_idx) < len(order) and \
+                    repr(sorted(requests[order[i + len(batch_idx)]].args[1].items())) == key:
+                batch_idx.append(order[i + len(batch_idx)])
+            i += len(batch_idx)
+            gen_kwargs = dict(requests[batch_idx[0]].args[1])
+            until = gen_kwargs.pop("until", None)
+            until = [until] if isinstance(until, str) else list(until or [])
+            texts, images = [], []
+            for j in batch_idx:
+                ctx, _, doc_to_visual, doc_id, task, split = requests[j].args
+                ims = self._visuals(doc_to_visual, task, split, doc_id)
+                images.append(ims)
+                texts.append(self._format(ctx, len(ims)))
+            inputs = self._inputs(texts, images)
+            temperature = float(gen_kwargs.get("temperature", 0) or 0)
+            num_beams = int(gen_kwargs.get("num_beams", 1) or 1)
+            gen = {
+                "max_new_tokens": int(gen_kwargs.get("max_new_tokens", self.max_new_tokens)),
+                "do_sample": temperature > 0,
+                "num_beams": num_beams,
+                "pad_token_id": self.tokenizer.pad_token_id,
+            }
+            if temperature > 0:
+                gen["temperature"] = temperature
+                if gen_kwargs.get("top_p") is not None:
+                    gen["top_p"] = float(gen_kwargs["top_p"])
+            for key in PASSED_GEN_KWARGS:
+                if gen_kwargs.get(key) is not None:
+                    gen[key] = gen_kwargs[key]
+            with torch.inference_mode():
+                out = self._model.generate(**inputs, **gen)
+            # A decoder-only LM returns the prompt and the new tokens; an encoder-decoder LM (BLIP-2's Flan-T5) the decoder's only.
+            new_tokens = out if self._encoder_decoder else out[:, inputs["input_ids"].shape[1]:]
+            decoded = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+            for j, text in zip(batch_idx, decoded):
+                for stop in until:
+                    if stop and stop in text:
+                        text = text.split(stop)[0]
+                results[j] = text.strip()
+                self.cache_hook.add_partial("generate_until", (requests[j].args[0], requests[j].args[1]), results[j])
+            pbar.update(len(batch_idx))
+        pbar.close()
         return results  # type: ignore[return-value]
 
     def _loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
@@ -389,19 +391,17 @@ class QuantVLM(lmms):
             return self._forward("loglikelihood", requests)
         results = []
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
-        try:
-            for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
-                doc = self.task_dict[task][split][doc_id]
-                continuation = target if isinstance(target, str) else target(doc)
-                ims = self._visuals(doc_to_visual, task, split, doc_id)
-                prompt = self._format(ctx, len(ims))
-                logits, cont = (self._seq2seq_logits if self._encoder_decoder else self._causal_logits)(prompt, continuation, ims)
-                nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
-                greedy = bool((logits.argmax(-1) == cont).all())
-                results.append((float(nll), greedy))
-                pbar.update(1)
-        finally:  # closed before an error is reported, so its line starts on a line of its own
-            pbar.close()
+        for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
+            doc = self.task_dict[task][split][doc_id]
+            continuation = target if isinstance(target, str) else target(doc)
+            ims = self._visuals(doc_to_visual, task, split, doc_id)
+            prompt = self._format(ctx, len(ims))
+            logits, cont = (self._seq2seq_logits if self._encoder_decoder else self._causal_logits)(prompt, continuation, ims)
+            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
+            greedy = bool((logits.argmax(-1) == cont).all())
+            results.append((float(nll), greedy))
+            pbar.update(1)
+        pbar.close()
         return results
 
     def _causal_logits(self, prompt: str, continuation: str, ims: list) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,7 @@ from lmms_quant.checkpoints import AlreadyQuantizedError, ensure_not_quantized
 from lmms_quant.errors import CheckError
 from lmms_quant.models import (
     PROMPT_TEMPLATES,
+    LoadedVLM,
     chat_template_of,
     check_device,
     format_prompt,
@@ -70,12 +72,19 @@ class QuantVLM(lmms):
 
     is_simple = True
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, loader: Callable[..., LoadedVLM] | None = None, **kwargs: Any) -> None:
+        """``kwargs`` are the ``--model_args``.  ``loader`` (Python callers only) replaces
+        :func:`lmms_quant.load_vlm` with the same signature, e.g. to hand out a model already in
+        memory (the sweep); everything else (checks, calibration, quantization, metadata) is unchanged."""
         super().__init__()
+        self._loader = loader or load_vlm
         #: what the results JSON records under ``lmms_quant`` (recipe, bpw, modules, hash, versions, serving);
         #: set when the model is quantized, read by the plugin (:func:`lmms_quant.model_wrappers.plugin.attach_metadata`)
         self.metadata: dict[str, Any] | None = None
         with exit_on_error("model load"):
+            if not callable(self._loader):
+                raise ConfigurationExit(f"loader must be a function like lmms_quant.load_vlm, got {self._loader!r} "
+                                        "(a Python-API parameter, not a --model_args key)")
             self._setup(**kwargs)
         LIVE_BACKENDS.add(self)
         carry_metadata_into_results()
@@ -120,7 +129,7 @@ class QuantVLM(lmms):
             self.recipe, calib_rows = prepare_calibration(self.recipe, kwargs.get("pretrained"), model_name=name)
 
         t0 = time.perf_counter()
-        loaded = load_vlm(
+        loaded = self._loader(
             kwargs.get("pretrained"),
             revision=kwargs.get("revision"),
             device=device,

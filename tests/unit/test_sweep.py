@@ -183,7 +183,8 @@ def test_the_full_precision_weights_are_restored_between_configs(tiny_llava):
     import torch
 
     from lmms_quant import quantize_, recipe_from_args
-    from lmms_quant.analysis.sweep import ModelEntry, _LoadedModel
+    from lmms_quant.analysis.sweep import ModelEntry
+    from lmms_quant.analysis.sweep.run import _LoadedModel
 
     m = _LoadedModel(ModelEntry(name="tiny", pretrained=tiny_llava))
     model = m.loaded.model
@@ -198,3 +199,44 @@ def test_the_full_precision_weights_are_restored_between_configs(tiny_llava):
     m.snapshot[changed[0]].add_(1.0)
     with pytest.raises(RuntimeError, match="fingerprint differs"):
         m.restore()
+
+
+def test_the_executor_takes_the_model_loader_as_a_parameter(tiny_llava, tmp_path):
+    from lmms_quant.analysis.sweep.run import load_model_entry
+
+    seen = []
+
+    def loader(entry):
+        seen.append(entry.name)
+        return load_model_entry(entry)
+
+    spec = parse_spec(spec_dict(tiny_llava, bits={"llm": [2, 16]}, log_samples=False))
+    states = run_sweep(spec, tmp_path / "out", emit=lambda line: None, loader=loader)
+    assert [s.status for s in states] == ["done", "done"]
+    assert seen == ["tiny"]  # loaded once, for both configurations
+
+
+def test_sigterm_stops_a_submitit_job_and_leaves_its_configuration_pending(tiny_llava, tmp_path):
+    """submitit ignores SIGTERM (scancel's first signal); a sweep job stops at once instead, and the
+    configuration it was running stays pending with no staging folder left."""
+    from lmms_quant.analysis.sweep import STAGING_PREFIX
+    from lmms_quant.analysis.sweep.executors import Cancelled, _job
+    from lmms_quant.analysis.sweep.run import load_model_entry
+
+    spec = parse_spec(spec_dict(tiny_llava, bits={"llm": [2]}, include_fp=False, log_samples=False))
+    [cfg] = expand(spec)
+    out = tmp_path / "out"
+
+    def loader(entry):  # SIGTERM arrives while the job loads its model
+        os.kill(os.getpid(), signal.SIGTERM)
+        return load_model_entry(entry)
+
+    previous = signal.getsignal(signal.SIGTERM)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as submitit leaves it
+    try:
+        with pytest.raises(Cancelled):
+            _job(spec, str(out), [cfg.id], False, loader)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert [s.status for s in sweep_status(spec, out)] == ["pending"]
+    assert not list((out / cfg.id).glob(f"{STAGING_PREFIX}*")) and not (out / cfg.id / FAILED_FILE).exists()

@@ -12,7 +12,7 @@ import ast
 import sys
 from pathlib import Path
 
-LAYOUT = (("lmms_quant", "lmms_quant"), ("model_wrappers", "lmms_quant.model_wrappers"), ("tasks", "lmms_quant.tasks"))
+LAYOUT = (("lmms_quant", "lmms_quant"), ("model_wrappers", "lmms_quant.model_wrappers"), ("tasks", "lmms_quant.tasks"), ("tools", "tools"))
 
 
 def modules(root: Path) -> dict[str, Path]:

@@ -8,15 +8,15 @@
   projector, Llama LM); see :mod:`lmms_quant.zoo.toy_llava`.
 * ``toy-blip2-itm``: ``Blip2ForImageTextRetrieval`` (BLIP-2 ViT, Q-Former, ITC and
   ITM heads) for retrieval; see :mod:`lmms_quant.zoo.toy_blip2_itm` and
-  :mod:`lmms_quant.zoo.train_itm`.
+  :mod:`tools.zoo.train_itm`.
 * ``toy-blip2``: ``Blip2ForConditionalGeneration`` (BLIP-2 ViT, Q-Former, OPT LM) for
   captioning and VQA, started from the ViT and Q-Former of the first toy-blip2-itm
-  recipe (``STARTING_POINTS`` in :mod:`lmms_quant.zoo.train`, retrained first); see
+  recipe (``STARTING_POINTS`` in :mod:`tools.zoo.train`, retrained first); see
   :mod:`lmms_quant.zoo.toy_blip2` (the training loop is toy-llava's,
-  :data:`lmms_quant.zoo.train.FAMILIES` holds what differs).
+  :data:`tools.zoo.train.FAMILIES` holds what differs).
 
-Rebuild a model with ``python -m lmms_quant.zoo.train --model NAME`` and check it
-with ``python -m lmms_quant.zoo.evaluate --model NAME --rtn``.
+Rebuild a model with ``python -m tools.zoo.train --model NAME`` and check it
+with ``python -m tools.zoo.evaluate --model NAME --rtn``.
 """
 
 from pathlib import Path

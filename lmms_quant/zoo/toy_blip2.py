@@ -8,7 +8,7 @@ input and output embeddings) over the world's word-level tokenizer.
 
 BLIP-2's two stages: the ViT and Q-Former start from the shipped retrieval model
 (:func:`init_from_itm`, BLIP-2's representation-learning stage), then the whole
-model learns to caption and answer (:mod:`lmms_quant.zoo.train`, stage 2).
+model learns to caption and answer (:mod:`tools.zoo.train`, stage 2).
 
 The processor puts the ``num_query_tokens`` image tokens before ``<s>`` (BLIP-2's
 layout); the prompts are the ones ``quant_vlm`` sends a BLIP-2 model for the world
@@ -126,7 +126,7 @@ def init_from_itm(model: Blip2ForConditionalGeneration, itm_dir: str | Path) -> 
     """
     path = Path(itm_dir) / "model.safetensors"
     if not path.is_file():
-        raise FileNotFoundError(f"no toy-blip2-itm weights at {path}; train it first: python -m lmms_quant.zoo.train --model toy-blip2-itm")
+        raise FileNotFoundError(f"no toy-blip2-itm weights at {path}; train it first: python -m tools.zoo.train --model toy-blip2-itm")
     source = load_file(str(path))
     target = model.state_dict()
     wanted = [n for n in target if n.startswith(("vision_model.", "qformer.")) or n == "query_tokens"]

@@ -114,8 +114,8 @@ def test_shipped_blip2_at_8_bits_through_the_cli_matches_full_precision(tmp_path
     scored in process on the same rows, and captions that score."""
     import torch
 
-    from lmms_quant.zoo import evaluate as ev
     from lmms_quant.zoo import model_dir
+    from tools.zoo import scoring as ev
 
     torch.set_num_threads(1)
     model, processor, model_type = ev.load(model_dir("toy-blip2"))

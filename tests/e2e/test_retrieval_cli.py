@@ -51,7 +51,7 @@ def test_shipped_blip2_itm_at_8_bits_through_the_cli_matches_full_precision(tmp_
     """toy-blip2-itm by zoo name on the full-gallery task: LAVIS two-stage scoring, ViT and Q-Former
     at 8 bits, recall within 2 points of the same model in full precision scored in process."""
     from lmms_quant.zoo import model_dir
-    from lmms_quant.zoo.train_itm import evaluate_itm
+    from tools.zoo.train_itm import evaluate_itm
 
     fp = evaluate_itm(model_dir("toy-blip2-itm"), "test", limit=100, k_test=16, log=lambda s: None)["fp"]
     out = tmp_path / "out"

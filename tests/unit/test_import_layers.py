@@ -66,3 +66,13 @@ def test_the_layer_check_sees_a_violation(tmp_path):
     bad.write_text("from .analysis.report import x\nfrom lmms_quant.model_wrappers import quant_vlm\n")
     names = [n for n, _ in imported(bad, "lmms_quant")]
     assert names == ["lmms_quant.analysis.report", "lmms_quant.model_wrappers"]
+
+
+@pytest.mark.parametrize("folder", ["lmms_quant", "model_wrappers", "tasks"])
+def test_the_installed_package_never_imports_the_developer_tools(folder):
+    """tools/ (the zoo's trainers) is not installed: nothing that is may import it."""
+    root = ROOT / folder
+    pkg = "lmms_quant" if folder == "lmms_quant" else f"lmms_quant.{folder}"
+    for path in sorted(root.rglob("*.py")):
+        for name, _ in imported(path, package_of(path, root, pkg)):
+            assert name != "tools" and not name.startswith("tools."), f"{path.relative_to(ROOT)} imports {name} (tools/ is not installed)"

@@ -189,7 +189,7 @@ def test_retrieval_captions_name_every_object_and_tell_twins_apart() -> None:
 def test_retrieval_gallery_is_retrievable_unlike_the_reference_captions() -> None:
     """The ceiling of R@1 on the 500 shipped test images: the reference captions repeat across images
     ("there are three shapes in the picture"), the retrieval captions almost never do."""
-    from lmms_quant.zoo.train_itm import recall_ceiling
+    from tools.zoo.train_itm import recall_ceiling
 
     rows = _rows("retrieval_test.jsonl")
     ceiling = recall_ceiling(rows)

@@ -16,8 +16,8 @@ from PIL import Image
 
 from lmms_quant.world import make_item
 from lmms_quant.zoo import model_dir
-from lmms_quant.zoo.evaluate import VQA_PROMPTS, generate, load, load_rows, vqa_metrics
 from lmms_quant.zoo.toy_llava import CAPTION_PROMPT, VQA_PROMPT, pixel_values
+from tools.zoo.scoring import VQA_PROMPTS, generate, load, load_rows, vqa_metrics
 
 DATA = Path(__file__).resolve().parents[2] / "tasks" / "data" / "world"
 # Measured 0.869 on the first 64 test rows with the shipped model (2026-11-27; 0.930 on all

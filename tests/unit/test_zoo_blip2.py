@@ -13,9 +13,7 @@ import torch
 from PIL import Image
 
 from lmms_quant.world import make_item
-from lmms_quant.zoo import evaluate as ev
 from lmms_quant.zoo import model_dir
-from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_blip2 import (
     CAPTION_PROMPT,
     FOLLOWUP_VQA_PROMPT,
@@ -27,7 +25,9 @@ from lmms_quant.zoo.toy_blip2 import (
 )
 from lmms_quant.zoo.toy_blip2_itm import encode_images
 from lmms_quant.zoo.toy_llava import IGNORE_INDEX, ToyLlavaSpec, encode_examples, pixel_values
-from lmms_quant.zoo.train import FAMILIES, RECIPES, Recipe, train_generative, training_batch
+from tools.zoo import scoring as ev
+from tools.zoo.tokenizer import build_tokenizer
+from tools.zoo.train import FAMILIES, RECIPES, Recipe, train_generative, training_batch
 
 # Measured 0.9266 on the first 64 test rows with the shipped model (2026-11-27, session 16; 0.957 on all
 # 1,500, see lmms_quant/zoo/models/toy-blip2/TRAINING.md), so the guard is the project's full-precision
@@ -159,7 +159,7 @@ def test_blip2_stage_two_from_itm_is_bit_reproducible() -> None:
 
 def test_object_labels_by_hand() -> None:
     from lmms_quant.world.scene import Obj, Scene
-    from lmms_quant.zoo.train import object_labels
+    from tools.zoo.train import object_labels
 
     scene = Scene(
         objects=(Obj("circle", "blue", "small", 10.0, 50.0, (0, 0, 255)), Obj("square", "white", "large", 32.0, 21.4, (255, 255, 255))),
@@ -173,7 +173,7 @@ def test_object_labels_by_hand() -> None:
 
 def test_best_assignment_equals_the_hungarian_algorithm() -> None:
     optimize = pytest.importorskip("scipy.optimize")
-    from lmms_quant.zoo.train import best_assignment
+    from tools.zoo.train import best_assignment
 
     rng = np.random.default_rng(0)
     for n_objects in (1, 2, 3):
@@ -191,7 +191,7 @@ def test_best_assignment_equals_the_hungarian_algorithm() -> None:
 def test_slot_loss_by_hand(bins: int) -> None:
     """Queries 2 and 0 carry objects 0 and 1; the loss is their five cross-entropies plus
     "no object" on the two other queries, over four queries."""
-    from lmms_quant.zoo.train import NO_OBJECT, SLOT_CLASSES, SlotProbe
+    from tools.zoo.train import NO_OBJECT, SLOT_CLASSES, SlotProbe
 
     torch.manual_seed(0)
     probe = SlotProbe(sum(SLOT_CLASSES) + 2 * (bins - 3), position_bins=bins)
@@ -230,7 +230,7 @@ def test_slot_weight_needs_a_connector_with_queries() -> None:
 
 def test_slot_position_bins_reach_the_slot_loss(monkeypatch) -> None:
     """The recipe's bins size the probe and label the objects the training step hands it."""
-    import lmms_quant.zoo.train as train
+    import tools.zoo.train as train
 
     seen: list[tuple[tuple[int, ...], int]] = []
     real = train.SlotProbe.loss
@@ -290,9 +290,9 @@ def test_shipped_captions_name_the_scene(shipped) -> None:
 
 def test_starting_points_are_trained_first_and_leave_the_random_state(monkeypatch) -> None:
     from lmms_quant.zoo import model_dir
-    from lmms_quant.zoo import train as zoo_train
     from lmms_quant.zoo.toy_blip2_itm import ToyItmSpec
-    from lmms_quant.zoo.train_itm import ItmRecipe
+    from tools.zoo import train as zoo_train
+    from tools.zoo.train_itm import ItmRecipe
 
     tiny = ToyItmSpec(vision_hidden=32, vision_layers=1, vision_heads=2, vision_mlp=64, qformer_hidden=32, qformer_layers=2,
                       qformer_heads=2, qformer_mlp=64, num_query_tokens=4, embed_dim=16)  # fmt: skip
@@ -315,12 +315,12 @@ def test_starting_points_are_trained_first_and_leave_the_random_state(monkeypatc
 
 
 def test_shipped_training_logs_hold_the_recipes_the_trainer_runs() -> None:
-    """``python -m lmms_quant.zoo.train --model NAME`` rebuilds what is shipped: the recipe in each shipped
+    """``python -m tools.zoo.train --model NAME`` rebuilds what is shipped: the recipe in each shipped
     training_log.json is RECIPES[NAME], and toy-blip2 starts from a recipe the trainer knows."""
     from dataclasses import asdict
 
     from lmms_quant.zoo import model_dir
-    from lmms_quant.zoo.train import RECIPES, STARTING_POINTS
+    from tools.zoo.train import RECIPES, STARTING_POINTS
 
     for name, recipe in RECIPES.items():
         logged = json.loads((model_dir(name) / "training_log.json").read_text())["recipe"]

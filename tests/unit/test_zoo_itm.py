@@ -14,7 +14,6 @@ from PIL import Image
 from transformers import PreTrainedTokenizerFast
 
 from lmms_quant.world import COLOURS, SHAPES, make_item
-from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_blip2_itm import (
     ToyItmSpec,
     build_model,
@@ -28,7 +27,8 @@ from lmms_quant.zoo.toy_blip2_itm import (
     itm_loss,
 )
 from lmms_quant.zoo.toy_llava import pixel_values
-from lmms_quant.zoo.train_itm import ItmRecipe, recall_ceiling, training_batch
+from tools.zoo.tokenizer import build_tokenizer
+from tools.zoo.train_itm import ItmRecipe, recall_ceiling, training_batch
 
 SMALL = ToyItmSpec(
     vision_hidden=32,
@@ -275,7 +275,7 @@ MIN_R1_FIRST_100 = {"i2t_R@1": 90.0, "t2i_R@1": 88.0}
 def test_shipped_toy_blip2_itm_loads_and_retrieves() -> None:
     from lmms_quant.models import zoo_models
     from lmms_quant.zoo import model_dir
-    from lmms_quant.zoo.train_itm import evaluate_itm, is_itm
+    from tools.zoo.train_itm import evaluate_itm, is_itm
 
     torch.set_num_threads(1)
     d = model_dir("toy-blip2-itm")
@@ -288,7 +288,7 @@ def test_shipped_toy_blip2_itm_loads_and_retrieves() -> None:
     for key, floor in MIN_R1_FIRST_100.items():
         assert result["fp"][key] >= floor, (key, result["fp"][key])
     with pytest.raises(ValueError, match="retrieval model"):
-        from lmms_quant.zoo.evaluate import load
+        from tools.zoo.scoring import load
 
         load(d)
 
@@ -315,7 +315,7 @@ def test_the_shipped_training_md_is_rendered_from_its_log_and_evaluation() -> No
     import json
 
     from lmms_quant.zoo import model_dir
-    from lmms_quant.zoo.train_itm import training_md
+    from tools.zoo.train_itm import training_md
 
     d = model_dir("toy-blip2-itm")
     report, evaluation = (json.loads((d / f).read_text()) for f in ("training_log.json", "evaluation.json"))

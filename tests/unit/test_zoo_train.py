@@ -8,20 +8,11 @@ import torch
 
 from lmms_quant.world import IMAGE_SIZE, make_item
 from lmms_quant.world.scene import Obj, Scene, render
-from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_llava import CAPTION_PROMPT, FOLLOWUP_VQA_PROMPT, VQA_PROMPT, ToyLlavaSpec, encode_examples
-from lmms_quant.zoo.train import (
-    DENSE_CLASSES,
-    MENTION_CLASSES,
-    MIN_COVER,
-    DenseProbe,
-    Recipe,
-    lr_at,
-    mention_labels,
-    patch_labels,
-    train_generative,
-    training_batch,
-)
+from tools.zoo.schedule import lr_at
+from tools.zoo.tokenizer import build_tokenizer
+from tools.zoo.train import MENTION_CLASSES, Recipe, mention_labels, train_generative, training_batch
+from tools.zoo.vision import DENSE_CLASSES, MIN_COVER, DenseProbe, patch_labels
 
 
 def _brute_force_labels(scene: Scene, patch: int) -> np.ndarray:
@@ -156,7 +147,7 @@ def test_two_stages_are_bit_reproducible(monkeypatch) -> None:
     assert [p["loss"] for p in a["curve"]] == [p["loss"] for p in b["curve"]]
     assert any(line.startswith("stage 1 ") for line in logs)
     # with the position labels and the mention loss: still reproducible, and both really train
-    from lmms_quant.zoo import train
+    from tools.zoo import train
 
     mention_losses = []
     original = train.MentionProbe.loss
@@ -212,8 +203,8 @@ def test_training_batch_turns(caption_fraction: float) -> None:
 
 def test_quantize_component_schemes() -> None:
     from lmms_quant.quantizers.rtn import fake_quantize
-    from lmms_quant.zoo import evaluate as ev
     from lmms_quant.zoo.toy_llava import build_model
+    from tools.zoo import scoring as ev
 
     torch.manual_seed(0)
     spec = ToyLlavaSpec(
@@ -238,7 +229,7 @@ def test_quantize_component_schemes() -> None:
 
 
 def test_training_md_goals_use_vision_and_llm_only() -> None:
-    from lmms_quant.zoo.train import training_md
+    from tools.zoo.train import training_md
 
     report = {
         "model": "toy",

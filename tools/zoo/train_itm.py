@@ -1,9 +1,9 @@
 """Train toy-blip2-itm (BLIP-2 image-text retrieval) on the world, on the CPU, deterministically.
 
-Run through the zoo's one entry point: ``python -m lmms_quant.zoo.train --model toy-blip2-itm``.
+Run through the zoo's one entry point: ``python -m tools.zoo.train --model toy-blip2-itm``.
 
 **Stage 1** is toy-llava's: the ViT alone with the dense per-patch attribute
-loss (:func:`lmms_quant.zoo.train.train_vision`).  **Stage 2** is BLIP-2's
+loss (:func:`tools.zoo.train.train_vision`).  **Stage 2** is BLIP-2's
 representation stage without its captioning loss: image-text contrast (ITC,
 learnable temperature) and image-text matching (ITM, one hard negative text per
 image and one hard negative image per text, drawn from the ITC similarities),
@@ -46,9 +46,6 @@ import torch
 from PIL import Image
 
 from lmms_quant.world import foil_captions, make_item
-from lmms_quant.zoo import evaluate as ev
-from lmms_quant.zoo.schedule import Schedule, lr_at
-from lmms_quant.zoo.tokenizer import build_tokenizer
 from lmms_quant.zoo.toy_blip2_itm import (
     ToyItmSpec,
     build_model,
@@ -61,6 +58,11 @@ from lmms_quant.zoo.toy_blip2_itm import (
     itm_loss,
 )
 from lmms_quant.zoo.toy_llava import pixel_values
+
+from . import scoring as ev
+from .schedule import Schedule, lr_at
+from .tokenizer import build_tokenizer
+from .vision import DenseProbe, dense_classes, markdown_table, patch_labels, save_model, train_vision
 
 __all__ = [
     "GOAL_R1",
@@ -86,7 +88,7 @@ CAPTION_SETS = {"retrieval": lambda item: item.retrieval_captions, "reference": 
 
 @dataclass(frozen=True)
 class ItmRecipe(Schedule):
-    """toy-blip2-itm's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule` plus ITC and ITM settings."""
+    """toy-blip2-itm's recipe: the shared :class:`~tools.zoo.schedule.Schedule` plus ITC and ITM settings."""
 
     steps: int = 2400
     batch_size: int = 32
@@ -136,8 +138,6 @@ def training_batch(step: int, recipe: ItmRecipe) -> tuple[list, list[str], torch
     ``positive`` is ``(B, len(texts))``: ``positive[i, t]`` where text ``t`` is one of
     image ``i``'s captions (up to the world's free word choices).
     """
-    from lmms_quant.zoo.train import patch_labels
-
     rng = np.random.default_rng(np.random.SeedSequence(entropy=recipe.seed, spawn_key=(1, step)))
     items = [make_item("train", step * recipe.batch_size + j, recipe.world_seed) for j in range(recipe.batch_size)]
     own = [CAPTION_SETS[recipe.captions](it) for it in items]
@@ -186,8 +186,6 @@ def retrieval_metrics(model, processor, rows: Sequence[dict], k_test: int = 16, 
 
 def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str], None] = print, device: str = "cpu") -> dict:
     """Train toy-blip2-itm with ``recipe``; save to ``out`` (unless None); return the report."""
-    from lmms_quant.zoo.train import DenseProbe, _save, dense_classes, train_vision
-
     torch.manual_seed(recipe.seed)
     tokenizer = build_tokenizer(image_token_attribute=False)  # see build_tokenizer: a Blip2Processor bug
     spec = recipe.spec
@@ -267,7 +265,7 @@ def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str]
         "curve": curve,
     }
     if out is not None:
-        report["saved_dtype"] = _save(model.cpu(), processor, out)
+        report["saved_dtype"] = save_model(model.cpu(), processor, out)
         (out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
         log(f"saved to {out}")
     return report
@@ -306,14 +304,12 @@ def recall_ceiling(rows: Sequence[dict]) -> dict[str, float]:
 
 
 def training_md(report: dict, evaluation: dict | None) -> str:
-    from lmms_quant.zoo.train import _table
-
     r = report["recipe"]
     lines = [
         f"# {report['model']}",
         "",
         "Trained from scratch on the synthetic world (`lmms_quant.world`) by",
-        f"`python -m lmms_quant.zoo.train --model {report['model']}` (one CPU thread, deterministic).",
+        f"`python -m tools.zoo.train --model {report['model']}` (one CPU thread, deterministic).",
         "",
         "## Recipe",
         "",
@@ -340,7 +336,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
     rows = [["step", "min", "itc loss", "itm loss", *keys]]
     for p in report["curve"]:
         rows.append([str(p["step"]), f"{p['seconds'] / 60:.1f}", f"{p['itc']:.3f}", f"{p['itm']:.3f}"] + [f"{p[k]:.1f}" for k in keys])
-    lines += [_table(rows), ""]
+    lines += [markdown_table(rows), ""]
     if evaluation:
         fp, ceiling = evaluation["fp"], evaluation["ceiling"]
         lines += [
@@ -367,7 +363,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
                 "",
                 "`projector` is the Q-Former's layers (BLIP-2's connector).",
                 "",
-                _table([head, *body]),
+                markdown_table([head, *body]),
                 "",
             ]
         met = fp["i2t_R@1"] >= GOAL_R1 and fp["t2i_R@1"] >= GOAL_R1

@@ -1,8 +1,8 @@
 """Train a zoo VLM from scratch on the world, on the CPU, deterministically.
 
-``python -m lmms_quant.zoo.train --model toy-llava [--steps N] [--out DIR] [--threads 1]``
+``python -m tools.zoo.train --model toy-llava [--steps N] [--out DIR] [--threads 1]``
 
-(``--model toy-blip2-itm`` trains the retrieval model: :mod:`lmms_quant.zoo.train_itm`.
+(``--model toy-blip2-itm`` trains the retrieval model: :mod:`tools.zoo.train_itm`.
 ``--model toy-blip2`` trains the generative BLIP-2 with this module's stage 2,
 starting from toy-blip2-itm's ViT and Q-Former instead of stage 1: BLIP-2's own
 two stages.  What differs between the generative families (builder, prompts,
@@ -53,22 +53,33 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lmms_quant.world import COLOURS, IMAGE_SIZE, SHAPES, SIZES, make_item
-from lmms_quant.world.scene import Scene, object_masks
-from lmms_quant.zoo import evaluate as ev
-from lmms_quant.zoo import toy_blip2, toy_llava
-from lmms_quant.zoo.schedule import Schedule, lr_at
-from lmms_quant.zoo.tokenizer import build_tokenizer
+from lmms_quant.world import make_item
+from lmms_quant.world.scene import Scene
+from lmms_quant.zoo import MODELS_DIR, toy_blip2, toy_llava
 from lmms_quant.zoo.toy_blip2 import ToyBlip2Spec
 from lmms_quant.zoo.toy_llava import ToyLlavaSpec, encode_examples, pixel_values
-from lmms_quant.zoo.train_itm import ItmRecipe, finish_itm, train_toy_blip2_itm
+
+from . import scoring as ev
+from .schedule import Schedule, lr_at
+from .tokenizer import build_tokenizer
+from .train_itm import ItmRecipe, finish_itm, train_toy_blip2_itm
+from .vision import (  # the world's attribute lists, in label order
+    _COLOURS,
+    _SHAPES,
+    _SIZES,
+    DenseProbe,
+    dense_classes,
+    markdown_table,
+    patch_labels,
+    position_bin,
+    save_model,
+    train_vision,
+)
 
 __all__ = ["FAMILIES", "Family", "RECIPES", "Recipe", "SlotProbe", "best_assignment", "lr_at", "object_labels", "patch_labels", "train_generative"]
 
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 GOAL_VQA = 0.90  # full-precision VQA accuracy the zoo's generative models should reach
 GOAL_W2_DROP = 0.20  # VQA points 2-bit RTN on the LLM or the vision encoder should cost
-MAX_FP32_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -122,7 +133,7 @@ POSITION_BINS = 3
 
 @dataclass(frozen=True)
 class Recipe(Schedule):
-    """A generative zoo model's recipe: the shared :class:`~lmms_quant.zoo.schedule.Schedule`
+    """A generative zoo model's recipe: the shared :class:`~tools.zoo.schedule.Schedule`
     plus its examples' make-up; ``spec``'s type picks the family (:data:`FAMILIES`)."""
 
     caption_fraction: float = 0.3
@@ -205,73 +216,6 @@ RECIPES: dict[str, Recipe | ItmRecipe] = {
 }
 
 
-# Dense labels: colour (6 + background), shape (3 + background), size (2 + background);
-# with position bins, also the column and row of the object's centre (bins + background).
-_COLOURS, _SHAPES, _SIZES = list(COLOURS), list(SHAPES), list(SIZES)
-DENSE_CLASSES = (len(_COLOURS) + 1, len(_SHAPES) + 1, len(_SIZES) + 1)
-MIN_COVER = 0.25  # a patch belongs to an object that covers at least this share of it
-
-
-def dense_classes(position_bins: int = 0) -> tuple[int, ...]:
-    """Classes per dense label column: :data:`DENSE_CLASSES`, then two of ``position_bins + 1`` if > 0."""
-    return DENSE_CLASSES + ((position_bins + 1,) * 2 if position_bins > 0 else ())
-
-
-def patch_labels(scene: Scene, patch_size: int, position_bins: int = 0) -> np.ndarray:
-    """``(n_patches, 3)`` int64 labels (colour, shape, size) in row-major patch order.
-
-    A patch takes the attributes of the object covering most of its pixels, if that
-    object covers at least ``MIN_COVER`` of them; otherwise the background class
-    (the last index of each attribute).  With ``position_bins`` > 0, two more
-    columns: the bin of that object's centre column and row (``position_bins``
-    equal bins across the image).
-    """
-    g = IMAGE_SIZE // patch_size
-    classes = dense_classes(position_bins)
-    background = [n - 1 for n in classes]
-    labels = np.tile(np.array(background, dtype=np.int64), (g * g, 1))
-    masks = object_masks(scene)  # (n_objects, 64, 64)
-    if not len(masks):
-        return labels
-    cover = masks.reshape(len(masks), g, patch_size, g, patch_size).sum(axis=(2, 4)).reshape(len(masks), -1)
-    best = cover.argmax(axis=0)
-    enough = cover.max(axis=0) >= MIN_COVER * patch_size * patch_size
-    for k, obj in enumerate(scene.objects):
-        sel = enough & (best == k)
-        row = [_COLOURS.index(obj.colour), _SHAPES.index(obj.shape), _SIZES.index(obj.size)]
-        if position_bins > 0:
-            row += [_bin(obj.x, position_bins), _bin(obj.y, position_bins)]
-        labels[sel] = row
-    return labels
-
-
-def _bin(v: float, bins: int) -> int:
-    return min(bins - 1, int(v * bins / IMAGE_SIZE))
-
-
-class DenseProbe(torch.nn.Module):
-    """A linear probe from each patch token to the attribute logits (training only)."""
-
-    def __init__(self, hidden: int, classes: tuple[int, ...] = DENSE_CLASSES) -> None:
-        super().__init__()
-        self.classes = tuple(classes)
-        self.proj = torch.nn.Linear(hidden, sum(self.classes))
-
-    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = self.proj(tokens).split(self.classes, dim=-1)
-        return sum(
-            torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), labels[..., k].reshape(-1)) for k, z in enumerate(logits)
-        ) / len(logits)
-
-    @torch.no_grad()
-    def accuracy(self, tokens: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-        """Per-attribute accuracy on the patches that belong to an object."""
-        logits = self.proj(tokens).split(self.classes, dim=-1)
-        fg = labels[..., 0] < self.classes[0] - 1
-        names = ("colour", "shape", "size", "column", "row")
-        return {n: float((z.argmax(-1) == labels[..., k])[fg].float().mean()) for k, (n, z) in enumerate(zip(names, logits))}
-
-
 NO_OBJECT = len(_COLOURS)
 
 
@@ -285,7 +229,7 @@ SLOT_CLASSES = slot_classes()
 
 def object_labels(scene: Scene, bins: int = POSITION_BINS) -> np.ndarray:
     """``(n_objects, 5)`` int64: colour, shape, size, column and row bin (of ``bins``) of each object's centre."""
-    rows = [(_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), _bin(o.x, bins), _bin(o.y, bins)) for o in scene.objects]
+    rows = [(_COLOURS.index(o.colour), _SHAPES.index(o.shape), _SIZES.index(o.size), position_bin(o.x, bins), position_bin(o.y, bins)) for o in scene.objects]
     return np.array(rows, dtype=np.int64).reshape(-1, len(SLOT_CLASSES))
 
 
@@ -381,11 +325,6 @@ class MentionProbe(torch.nn.Module):
         ) / len(logits)
 
 
-def _patch_tokens(vision_tower, pixels: torch.Tensor) -> torch.Tensor:
-    """The tower's last-layer patch tokens (CLS dropped): what LLaVA feeds its projector."""
-    return vision_tower(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
-
-
 def training_batch(
     step: int, recipe: Recipe
 ) -> tuple[list[np.ndarray], list[list[tuple[str, str]]], torch.Tensor, list[Scene]]:
@@ -429,83 +368,6 @@ def _eval_rows(recipe: Recipe) -> tuple[list[dict], list[dict]]:
         vqa.extend({**row, "image": image} for row in vqa_rows(item))
         caps.append({**caption_row(item), "image": image})
     return vqa, caps
-
-
-def _save(model, processor, out: Path) -> str:
-    """Save model and processor; fp32 if it fits in 8 MB, else fp16 weights.
-
-    The config keeps ``dtype = float32`` either way, so ``from_pretrained`` gives
-    an fp32 model (fp16 weights are upcast exactly).
-    """
-    out.mkdir(parents=True, exist_ok=True)
-    n_bytes = sum(p.numel() * 4 for p in model.parameters())
-    dtype = torch.float32 if n_bytes <= MAX_FP32_BYTES else torch.float16
-    model.to(dtype).save_pretrained(out)
-    model.to(torch.float32)
-    config = json.loads((out / "config.json").read_text())
-    config["dtype"] = "float32"
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    # the learning curve's calls leave truncation and padding set on the fast tokenizer's backend, which
-    # save_pretrained would write into tokenizer.json; a shipped tokenizer starts without either
-    backend = processor.tokenizer.backend_tokenizer
-    backend.no_truncation()
-    backend.no_padding()
-    processor.save_pretrained(out)
-    return str(dtype).removeprefix("torch.")
-
-
-VISION_INDEX_OFFSET = 10_000_000  # stage-1 images are train items from here on (stage 2 starts at 0)
-
-
-def train_vision(
-    tower: torch.nn.Module,
-    probe: DenseProbe,
-    recipe: Recipe,
-    log: Callable[[str], None] = print,
-    device: str = "cpu",
-) -> list[dict]:
-    """Stage 1: the vision tower and the dense probe alone; returns the learning curve.
-
-    Images are train-split items ``VISION_INDEX_OFFSET + step * B + j`` (disjoint
-    from stage 2's); warm-up then cosine like stage 2, with ``vision_lr``.
-    """
-    if recipe.vision_steps == 0:
-        return []
-    params = [*tower.parameters(), *probe.parameters()]
-    opt = torch.optim.AdamW(params, lr=recipe.vision_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-    schedule = Schedule(
-        steps=recipe.vision_steps,
-        lr=recipe.vision_lr,
-        warmup=min(recipe.warmup, recipe.vision_steps),
-        min_lr_ratio=recipe.min_lr_ratio,
-    )
-    held_out = [make_item("calibration", i, recipe.world_seed) for i in range(recipe.eval_items)]
-    held_x = pixel_values([it.image for it in held_out]).to(device)
-    held_y = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in held_out])).to(device)
-    curve, losses, t0 = [], [], time.time()
-    B = recipe.vision_batch_size
-    for step in range(recipe.vision_steps):
-        tower.train()
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, schedule)
-        items = [make_item("train", VISION_INDEX_OFFSET + step * B + j, recipe.world_seed) for j in range(B)]
-        x = pixel_values([it.image for it in items]).to(device)
-        y = torch.from_numpy(np.stack([patch_labels(it.scene, recipe.spec.patch_size, recipe.dense_position_bins) for it in items])).to(device)
-        loss = probe.loss(_patch_tokens(tower, x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        opt.step()
-        losses.append(float(loss.detach()))
-        if (step + 1) % 100 == 0 or step + 1 == recipe.vision_steps:
-            tower.eval()
-            with torch.no_grad():
-                acc = probe.accuracy(_patch_tokens(tower, held_x), held_y)
-            point = {"step": step + 1, "seconds": round(time.time() - t0, 1), "loss": float(np.mean(losses[-100:]))}
-            point.update({k: round(v, 4) for k, v in acc.items()})
-            curve.append(point)
-            log("stage 1 " + json.dumps(point))
-    return curve
 
 
 @contextlib.contextmanager
@@ -669,17 +531,10 @@ def train_generative(
         "curve": curve,
     }
     if out is not None:
-        report["saved_dtype"] = _save(model.cpu(), processor, out)
+        report["saved_dtype"] = save_model(model.cpu(), processor, out)
         (out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
         log(f"saved to {out}")
     return report
-
-
-def _table(rows: list[list[str]]) -> str:
-    head, *body = rows
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(r) + " |" for r in body]
-    return "\n".join(lines)
 
 
 def _at_bits(accs: dict, bits: int) -> float:
@@ -696,7 +551,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
     if r.get("init_from") in STARTING_POINTS:
         start = (
             "Trained on the synthetic world (`lmms_quant.world`), starting from the ViT and Q-Former (BLIP-2's stage 1)"
-            f" of {r['init_from']}, a retrieval recipe in `STARTING_POINTS` (`lmms_quant/zoo/train.py`) that is not shipped"
+            f" of {r['init_from']}, a retrieval recipe in `STARTING_POINTS` (`tools/zoo/train.py`) that is not shipped"
             " and that the trainer retrains first (about 55 min on one thread), by"
         )
     elif r.get("init_from"):
@@ -707,7 +562,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         f"# {report['model']}",
         "",
         start,
-        f"`python -m lmms_quant.zoo.train --model {report['model']}` (one CPU thread, deterministic).",
+        f"`python -m tools.zoo.train --model {report['model']}` (one CPU thread, deterministic).",
         "",
         "## Recipe",
         "",
@@ -739,14 +594,14 @@ def training_md(report: dict, evaluation: dict | None) -> str:
         + (
             f"; the object-slot set loss on the Q-Former's queries (weight {r['slot_weight']}; DETR-style matching,"
             f" centres in {r.get('slot_position_bins', POSITION_BINS)} x {r.get('slot_position_bins', POSITION_BINS)} bins,"
-            " `lmms_quant.zoo.train.SlotProbe`)"
+            " `tools.zoo.train.SlotProbe`)"
             if r.get("slot_weight")
             else ""
         )
         + (
             f"; the mention loss on the LM's layer {r['mention_layer']} (weight {r['mention_weight']}: at each colour or"
             f" shape word, a linear probe predicts the named object's colour, shape, size and centre in {MENTION_BINS} x {MENTION_BINS} bins, or"
-            " 'absent'; `lmms_quant.zoo.train.MentionProbe`)"
+            " 'absent'; `tools.zoo.train.MentionProbe`)"
             if r.get("mention_weight")
             else ""
         ),
@@ -764,7 +619,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
             + [f"{p.get('vqa/' + k, 0):.2f}" for k in kinds]
             + [f"{p.get('cider', 0):.2f}"]
         )
-    lines += [_table(rows), ""]
+    lines += [markdown_table(rows), ""]
     if evaluation:
         fp = evaluation["fp"]
         lines += [
@@ -793,7 +648,7 @@ def training_md(report: dict, evaluation: dict | None) -> str:
                 f"Every `nn.Linear` weight inside the component's transformer blocks ({blocks_note})",
                 f"goes through `lmms_quant.quantizers.rtn.fake_quantize(w, bits, {args})`.",
                 "",
-                _table(rows),
+                markdown_table(rows),
                 "",
             ]
             at2 = {c: fp["vqa"] - _at_bits(a, 2) for c, a in table.items() if c in ("vision", "llm") and ("2" in a or 2 in a)}

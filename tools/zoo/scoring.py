@@ -1,9 +1,6 @@
-"""Evaluate a zoo VLM on the world: VQA accuracy, caption scores, per-component RTN.
-
-``python -m lmms_quant.zoo.evaluate --model toy-llava [--split test] [--limit N] [--rtn] [--json FILE]``
-
-(A retrieval model, ``--model toy-blip2-itm``, gets recall@1/5/10 both ways instead:
-:func:`lmms_quant.zoo.train_itm.evaluate_itm`.)
+"""Scoring a zoo VLM on the world: VQA accuracy, caption scores, per-component RTN tables
+(the command line is :mod:`tools.zoo.evaluate`; retrieval models are scored by
+:func:`tools.zoo.train_itm.evaluate_itm`).
 
 * VQA: greedy answers to the lmms-eval prompt, scored with the official VQAv2
   accuracy (:func:`lmms_quant.metrics.vqa.vqa_accuracy`), overall and per kind.
@@ -23,10 +20,8 @@ This is the zoo's own check of its models, independent of lmms-eval.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
-import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,7 +48,6 @@ __all__ = [
 ]
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "tasks" / "data" / "world"
-MODELS_DIR = Path(__file__).resolve().parent / "models"
 # The prompts quant_vlm sends each family for the world tasks (lmms-eval's default
 # post_prompt inside the family's template), which the zoo's models are trained on.
 VQA_PROMPTS = {
@@ -239,56 +233,9 @@ def load(model_dir: Path):
     if "Blip2ForImageTextRetrieval" in (config.architectures or []):
         raise ValueError(
             f"{model_dir} is a retrieval model (Blip2ForImageTextRetrieval): it neither answers nor captions;"
-            " evaluate it with lmms_quant.zoo.train_itm.evaluate_itm or `python -m lmms_quant.zoo.evaluate`"
+            " evaluate it with tools.zoo.train_itm.evaluate_itm or `python -m tools.zoo.evaluate`"
         )
     model_type = {"llava": "llava", "blip-2": "blip-2"}[config.model_type]
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
     processor = AutoProcessor.from_pretrained(model_dir)
     return model.eval(), processor, model_type
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="toy-llava", help="a folder name under lmms_quant/zoo/models")
-    parser.add_argument("--model-dir", type=Path, default=None, help="overrides --model")
-    parser.add_argument("--data", type=Path, default=DATA_DIR)
-    parser.add_argument("--split", default="test", choices=["test", "calibration"])
-    parser.add_argument("--limit", type=int, default=None, help="first N VQA rows / caption rows")
-    parser.add_argument("--rtn", action="store_true", help="also the per-component tables (rtn and uniform schemes)")
-    parser.add_argument("--bits", type=int, nargs="+", default=[2, 3, 4, 8])
-    parser.add_argument("--k-test", type=int, default=16, help="retrieval models: LAVIS's second-stage candidates")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model_dir = args.model_dir or MODELS_DIR / args.model
-    from lmms_quant.zoo.train_itm import evaluate_itm, is_itm
-
-    if is_itm(model_dir):  # a retrieval model: recall instead of VQA and captions
-        t0 = time.time()
-        result = {"model_dir": str(model_dir), "split": args.split}
-        result.update(evaluate_itm(model_dir, args.split, args.limit, rtn=args.rtn, bits=args.bits, k_test=args.k_test))
-        result["seconds"] = round(time.time() - t0, 1)
-        if args.json:
-            args.json.write_text(json.dumps(result, indent=1))
-        print(json.dumps(result, indent=1))
-        return
-    model, processor, model_type = load(model_dir)
-    vqa_rows = load_rows(args.data / f"vqa_{args.split}.jsonl", args.limit)
-    caption_rows = load_rows(args.data / f"captions_{args.split}.jsonl", args.limit)
-    t0 = time.time()
-    result: dict = {"model_dir": str(model_dir), "split": args.split, "n_vqa": len(vqa_rows)}
-    result["n_captions"] = len(caption_rows)
-    result["fp"] = evaluate(model, processor, model_type, vqa_rows, caption_rows)
-    print(json.dumps(result["fp"], indent=1))
-    if args.rtn:
-        for scheme in SCHEMES:
-            result[scheme] = rtn_table(model, processor, model_type, vqa_rows, bits=args.bits, scheme=scheme)
-    result["seconds"] = round(time.time() - t0, 1)
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1))
-    print(json.dumps({k: v for k, v in result.items() if k != "fp"}, indent=1))
-
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """What every zoo recipe shares: AdamW with warm-up and cosine decay, the seeds, stage 1.
 
-Each model's recipe (:class:`lmms_quant.zoo.train.Recipe`,
-:class:`lmms_quant.zoo.train_itm.ItmRecipe`) extends :class:`Schedule` with its own
-fields; :func:`lmms_quant.zoo.train.train_vision` (stage 1, the dense ViT loss) and
+Each model's recipe (:class:`tools.zoo.train.Recipe`,
+:class:`tools.zoo.train_itm.ItmRecipe`) extends :class:`Schedule` with its own
+fields; :func:`tools.zoo.train.train_vision` (stage 1, the dense ViT loss) and
 :func:`lr_at` read only these.
 """
 

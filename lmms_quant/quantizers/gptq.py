@@ -243,6 +243,151 @@ def _check_args(W: torch.Tensor, H: torch.Tensor, group_size: int, blocksize: in
         raise ValueError("H is all zero: the layer received no calibration activations; leave it unquantized (do not run GPTQ on it)")
 
 
+@dataclass
+class _Grid:
+    """The quantization grid of every column as GPTQ reaches it: ``fixed`` per channel or per
+    tensor (from the whole weight), else one ``(scale, zero)`` row of ``table_s`` / ``table_z``
+    (``(n_groups, out)``) per group: static groups filled up front, dynamic groups as they start."""
+
+    bits: int
+    sym: bool
+    group_size: int
+    fixed: tuple[torch.Tensor, torch.Tensor] | None = None  # (out, 1) or (1, 1) each
+    table_s: torch.Tensor | None = None
+    table_z: torch.Tensor | None = None
+    static_group: list[int] | None = None  # static groups: each (permuted) column's group, as Python ints (no device sync)
+    static_gidx: torch.Tensor | None = None  # the same as an int32 tensor, for the kernel
+
+    def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out,)`` scale and zero of column ``col`` (its group started already)."""
+        if self.fixed is not None:
+            return self.fixed[0].view(-1), self.fixed[1].view(-1)
+        g = self.static_group[col] if self.static_group is not None else col // self.group_size
+        return self.table_s[g], self.table_z[g]
+
+    def start_group(self, col: int, current: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parameters of the dynamic group starting at ``col`` from its ``current`` ``(out, g)`` weights."""
+        scale, zero = compute_qparams(current, self.bits, self.sym)
+        g = col // self.group_size
+        self.table_s[g], self.table_z[g] = scale.view(-1), zero.view(-1)
+        return self.table_s[g], self.table_z[g]
+
+    def dynamic(self) -> bool:
+        return self.fixed is None and self.static_group is None
+
+    def result_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, zero)`` in :class:`QuantizedTensor`'s layout: ``(out, n_groups)`` for groups."""
+        if self.fixed is not None:
+            return self.fixed
+        return self.table_s.T.contiguous(), self.table_z.T.contiguous()
+
+
+def _prepare(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool, static_groups: bool,
+             actorder: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, _Grid]:
+    """``(WT, H, dead, perm, grid)``: the float32 transposed weight and Hessian with dead inputs
+    handled, permuted by decreasing ``diag(H)`` under ``actorder``, and the grid's fixed parameters.
+
+    GPTQ runs on ``W^T`` (``(n_in, out)``): each column of ``W`` is a contiguous row, so every
+    per-column read, write and rank-1 update touches contiguous memory; the operations are those
+    of the ``(out, n_in)`` layout.
+    """
+    n_in, n_out = W.shape[1], W.shape[0]
+    WT = W.detach().to(torch.float32, copy=True).T.contiguous()
+    H = H.detach().float().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    WT[dead] = 0
+    grid = _Grid(bits, sym, group_size)
+    if group_size <= 0:
+        grid.fixed = compute_qparams(WT.T if group_size == -1 else WT.reshape(1, -1), bits, sym)
+    elif static_groups:
+        static = [compute_qparams(WT[c : c + group_size].T, bits, sym) for c in range(0, n_in, group_size)]
+        grid.table_s = torch.stack([s.view(-1) for s, _ in static])
+        grid.table_z = torch.stack([z.view(-1) for _, z in static])
+    else:
+        grid.table_s = torch.empty(n_in // group_size, n_out, dtype=torch.float32, device=WT.device)
+        grid.table_z = torch.empty_like(grid.table_s)
+    perm = None
+    if actorder:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        WT, H = WT[perm], H[perm][:, perm]
+    if static_groups and group_size > 0:
+        gidx = (perm if perm is not None else torch.arange(n_in, device=WT.device)) // group_size
+        grid.static_group, grid.static_gidx = gidx.tolist(), gidx.to(torch.int32)
+    return WT, H, dead, perm, grid
+
+
+def _torch_block(WT: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv: torch.Tensor, QT: torch.Tensor,
+                 codesT: torch.Tensor, i1: int, grid: _Grid) -> None:
+    """One lazy block, column by column (the paper's inner loop): round column ``i1 + i`` of the
+    block ``W1``, keep its scaled error in ``Err1[i]``, and update the block's later columns."""
+    i2 = i1 + len(W1)
+    Hinv1 = Hinv[i1:i2, i1:i2]
+    s, z = (None, None) if i1 % max(grid.group_size, 1) == 0 and grid.dynamic() else grid.column(i1)
+    for i in range(i2 - i1):
+        col = i1 + i
+        if grid.static_group is not None:
+            s, z = grid.column(col)
+        elif grid.dynamic() and col % grid.group_size == 0:
+            # the group's columns as updated by every earlier column: inside the block W1 is current;
+            # beyond it the block's pending errors have not reached WT yet
+            end = col + grid.group_size
+            current = W1[i : min(end, i2) - i1].T
+            if end > i2:
+                current = torch.cat([current, WT[i2:end].T - Err1[:i].T @ Hinv[i1:col, i2:end]], dim=1)
+            s, z = grid.start_group(col, current)
+        w = W1[i]
+        codesT[col] = quantize_codes(w, s, z, grid.bits)
+        QT[col] = dequantize_codes(codesT[col], s, z)
+        err = torch.sub(w, QT[col], out=Err1[i]).div_(Hinv1[i, i])
+        W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
+
+
+def _kernel_block(WT: torch.Tensor, W1: torch.Tensor, Err1: torch.Tensor, Hinv_rows: torch.Tensor, QT: torch.Tensor,
+                  codesT: torch.Tensor, i1: int, grid: _Grid, blocksize: int) -> None:
+    """The same block in one Triton kernel (:func:`lmms_quant.quantizers.gptq_kernels.gptq_block`)."""
+    i2, gs = i1 + len(W1), grid.group_size
+    if grid.static_group is not None:
+        mode, params = kernels.MODE_STATIC, {"gidx": grid.static_gidx[i1:i2], "group_scale": grid.table_s, "group_zero": grid.table_z}
+    elif gs > 0 and blocksize % gs == 0:  # groups inside the block: the kernel computes them from the current columns
+        mode, params = kernels.MODE_DYNAMIC, {"group_scale": grid.table_s, "group_zero": grid.table_z, "group_size": gs,
+                                              "group_base": i1 // gs}
+    else:  # per channel, per tensor, or groups of whole blocks (parameters at a group's first block)
+        s, z = grid.start_group(i1, WT[i1 : i1 + gs].T) if gs > 0 and i1 % gs == 0 else grid.column(i1)
+        mode, params = kernels.MODE_FIXED, {"scale": s, "zero": z}
+    kernels.gptq_block(W1, Hinv_rows[i1:i2, i1:i2], QT[i1:i2], codesT[i1:i2], Err1, grid.bits, grid.sym, mode, **params)
+
+
+def _quantize_columns(WT: torch.Tensor, Hinv: torch.Tensor, grid: _Grid, blocksize: int,
+                      kernel: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(QT, codesT, losses)``: every column rounded in lazy blocks of ``blocksize``; each block's
+    errors reach the later columns in one GEMM.  ``losses`` is the OBS loss ``err^2 / 2`` per row of W."""
+    n_in = WT.shape[0]
+    QT, codesT = torch.empty_like(WT), torch.empty_like(WT)
+    losses = torch.zeros(WT.shape[1], dtype=WT.dtype, device=WT.device)
+    use_kernel = _use_kernel(kernel, WT, grid.group_size, blocksize, grid.static_group is not None)
+    # the kernel reads rows of a row-major copy (cholesky_ex returns Hinv column-major); the GEMM below
+    # keeps using Hinv, so both paths propagate errors with the same summation order
+    Hinv_rows = Hinv.contiguous() if use_kernel else Hinv
+    for i1 in range(0, n_in, blocksize):
+        i2 = min(i1 + blocksize, n_in)
+        W1 = WT[i1:i2].clone()
+        Err1 = torch.empty_like(W1)
+        if use_kernel:
+            try:
+                _kernel_block(WT, W1, Err1, Hinv_rows, QT, codesT, i1, grid, blocksize)
+            except Exception as exc:  # noqa: BLE001 - a kernel that does not build on this GPU: finish in PyTorch
+                if kernel == "triton" or isinstance(exc, ValueError):
+                    raise
+                logger.warning("GPTQ: the Triton block kernel failed (%s: %s); continuing with the PyTorch loop", type(exc).__name__, exc)
+                use_kernel = False  # groups begun by the kernel keep their parameters in the grid
+        if not use_kernel:
+            _torch_block(WT, W1, Err1, Hinv, QT, codesT, i1, grid)
+        losses += Err1.square().sum(dim=0) / 2
+        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
+    return QT, codesT, losses
+
+
 @torch.no_grad()
 def gptq_quantize(
     W: torch.Tensor,
@@ -294,153 +439,21 @@ def gptq_quantize(
     n_in = W.shape[1]
     if group_size == n_in:
         group_size = -1
-    W_given, H_given = W, H
-    W_orig = W.detach().to(torch.float32, copy=True)  # for the lazy error: the caller may overwrite W_given with the result
-    # GPTQ runs on the transposed weight W^T, (n_in, out): each column of W is
-    # a contiguous row, so every per-column read, write and rank-1 update below
-    # touches contiguous memory.  The operations are those of the (out, n_in)
-    # layout; only the kernels' float rounding can differ (fused multiply-adds).
-    WT = W_orig.T.contiguous()
-    H = H.detach().float().clone()
+    W_orig = W.detach().to(torch.float32, copy=True)  # for the lazy error: the caller may overwrite W with the result
+    WT, H_work, dead, perm, grid = _prepare(W, H, bits, group_size, sym, static_groups, actorder)
+    Hinv, percdamp_used, damp = _inverse_hessian_cholesky(H_work, percdamp)
+    QT, codesT, losses = _quantize_columns(WT, Hinv, grid, blocksize, kernel)
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    WT[dead] = 0
-
-    if group_size == -1:
-        scale, zero = compute_qparams(WT.T, bits, sym)
-    elif group_size == 0:
-        scale, zero = compute_qparams(WT.reshape(1, -1), bits, sym)
-    static = None
-    if static_groups and group_size > 0:
-        static = [compute_qparams(WT[c : c + group_size].T, bits, sym) for c in range(0, n_in, group_size)]
-
-    perm = None
-    if actorder:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        WT = WT[perm]
-        H = H[perm][:, perm]
-
-    Hinv, percdamp_used, damp = _inverse_hessian_cholesky(H, percdamp)
-
-    # Rows of QT, codesT and of the blocks W1, Err1 are columns of the paper's Q, codes, W, Err.
-    QT = torch.empty_like(WT)
-    codesT = torch.empty_like(WT)
-    Losses = torch.zeros(WT.shape[1], dtype=WT.dtype, device=WT.device)  # per row of W
-    # Parameters flattened to match a column: (out,) ((1,) per tensor).
-    if group_size <= 0:
-        s, z = scale.view(-1), zero.view(-1)
-    dynamic_params: list[tuple[torch.Tensor, torch.Tensor]] = []
-    if static is not None:
-        static_flat = [(sc.view(-1), zp.view(-1)) for sc, zp in static]
-        static_gidx = (perm if perm is not None else torch.arange(n_in, device=WT.device)) // group_size
-        # The static group of each (permuted) column as a Python int: no tensor
-        # indexing (a device sync on GPU) inside the loop.
-        static_group = static_gidx.tolist()
-
-    use_kernel = _use_kernel(kernel, WT, group_size, blocksize, static is not None)
-    if use_kernel:
-        n_out = WT.shape[1]
-        # cholesky_ex returns Hinv column-major; the kernel reads rows of a row-major
-        # copy, while the block-to-block GEMM below keeps using Hinv itself, so that
-        # both paths propagate errors with the same GEMM (same summation order).
-        Hinv_rows = Hinv.contiguous()
-        if static is not None:
-            table_s = torch.stack([sc for sc, _ in static_flat])
-            table_z = torch.stack([zp for _, zp in static_flat])
-            static_gidx = static_gidx.to(torch.int32)
-        elif group_size > 0:  # dynamic groups: the kernel, or the loop below at a group's start, fills these
-            table_s = torch.empty(n_in // group_size, n_out, dtype=torch.float32, device=WT.device)
-            table_z = torch.empty_like(table_s)
-
-    for i1 in range(0, n_in, blocksize):
-        i2 = min(i1 + blocksize, n_in)
-        W1 = WT[i1:i2].clone()
-        Err1 = torch.empty_like(W1)
-        Hinv1 = (Hinv_rows if use_kernel else Hinv)[i1:i2, i1:i2]
-        if use_kernel:
-            if static is not None:
-                mode, params = kernels.MODE_STATIC, {"gidx": static_gidx[i1:i2], "group_scale": table_s, "group_zero": table_z}
-            elif group_size > 0 and blocksize % group_size == 0:  # groups inside the block: parameters from the current columns
-                mode, params = kernels.MODE_DYNAMIC, {"group_scale": table_s, "group_zero": table_z, "group_size": group_size,
-                                                      "group_base": i1 // group_size}
-            else:  # per channel, per tensor, or groups of whole blocks (parameters at a group's first block)
-                if group_size > 0 and i1 % group_size == 0:
-                    scale, zero = compute_qparams(WT[i1 : i1 + group_size].T, bits, sym)
-                    s, z = scale.view(-1), zero.view(-1)
-                    table_s[i1 // group_size], table_z[i1 // group_size] = s, z
-                mode, params = kernels.MODE_FIXED, {"scale": s, "zero": z}
-            try:
-                kernels.gptq_block(W1, Hinv1, QT[i1:i2], codesT[i1:i2], Err1, bits, sym, mode, **params)
-            except Exception as exc:  # noqa: BLE001 - a kernel that does not build on this GPU: finish in PyTorch
-                if kernel == "triton" or isinstance(exc, ValueError):
-                    raise
-                logger.warning("GPTQ: the Triton block kernel failed (%s: %s); continuing with the PyTorch loop", type(exc).__name__, exc)
-                use_kernel = False
-                if group_size > 0 and static is None:  # groups begun by the kernel path keep their parameters
-                    dynamic_params = [(table_s[g].view(-1, 1), table_z[g].view(-1, 1)) for g in range(-(-i1 // group_size))]
-                    if i1 % group_size:
-                        s, z = table_s[i1 // group_size], table_z[i1 // group_size]
-        for i in range(0) if use_kernel else range(i2 - i1):  # the PyTorch loop, unless the kernel did the block
-            col = i1 + i
-            if static is not None:
-                s, z = static_flat[static_group[col]]
-            elif group_size > 0 and col % group_size == 0:
-                # The group's columns as updated by every earlier column: inside
-                # the block W1 is current; beyond it the block's pending errors
-                # have not been applied to WT yet.
-                end = col + group_size
-                current = W1[i : min(end, i2) - i1].T
-                if end > i2:
-                    rest = WT[i2:end].T - Err1[:i].T @ Hinv[i1:col, i2:end]
-                    current = torch.cat([current, rest], dim=1)
-                scale, zero = compute_qparams(current, bits, sym)
-                dynamic_params.append((scale, zero))
-                s, z = scale.view(-1), zero.view(-1)
-            w = W1[i]
-            codesT[col] = quantize_codes(w, s, z, bits)
-            QT[col] = dequantize_codes(codesT[col], s, z)
-            err = torch.sub(w, QT[col], out=Err1[i]).div_(Hinv1[i, i])
-            W1[i:].addr_(Hinv1[i, i:], err, alpha=-1)
-        # The OBS loss err^2 / 2, summed over the block's columns at once.
-        Losses += Err1.square().sum(dim=0) / 2
-        # The block's errors reach the later columns in one in-place GEMM.
-        WT[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)
-
-    # Back to the original column order and to (out, n_in), after the casts
-    # (fewer bytes to move).
-    QT = QT.to(W_given.dtype)
-    codesT = codesT.to(torch.uint8)
+    # back to the original column order and to (out, n_in), after the casts (fewer bytes to move)
+    QT, codesT = QT.to(W.dtype), codesT.to(torch.uint8)
     g_idx = None
     if perm is not None:
         invperm = torch.argsort(perm)
-        QT = QT[invperm]
-        codesT = codesT[invperm]
-        if group_size > 0 and static is None:
+        QT, codesT = QT[invperm], codesT[invperm]
+        if grid.dynamic():
             g_idx = (torch.arange(n_in, device=WT.device) // group_size)[invperm]
-
-    if group_size > 0 and use_kernel and static is None:
-        scale, zero = table_s.T.contiguous(), table_z.T.contiguous()
-    elif group_size > 0:
-        params = static if static is not None else dynamic_params
-        scale = torch.cat([s for s, _ in params], dim=1)
-        zero = torch.cat([z for _, z in params], dim=1)
-
-    quantized = QuantizedTensor(
-        weight=QT.T.contiguous(),
-        codes=codesT.T.contiguous(),
-        scale=scale,
-        zero=zero,
-        bits=bits,
-        group_size=group_size,
-        sym=sym,
-    )
-    return GPTQResult(
-        quantized=quantized,
-        g_idx=g_idx,
-        loss=float(Losses.sum()),
-        _error_inputs=(W_orig, H_given),
-        percdamp=percdamp_used,
-        damp=damp,
-        n_dead=int(dead.sum()),
-    )
+    scale, zero = grid.result_params()
+    quantized = QuantizedTensor(weight=QT.T.contiguous(), codes=codesT.T.contiguous(), scale=scale, zero=zero, bits=bits,
+                                group_size=group_size, sym=sym)
+    return GPTQResult(quantized=quantized, g_idx=g_idx, loss=float(losses.sum()), _error_inputs=(W_orig, H),
+                      percdamp=percdamp_used, damp=damp, n_dead=int(dead.sum()))

@@ -185,6 +185,32 @@ def _segments(qplan: QuantPlan, modules: dict[str, nn.Module]) -> list[list[str]
     return segments
 
 
+@dataclass
+class CalibrationRecord:
+    """What the calibration driver did, layer by layer; :meth:`to_dict` is the ``calibration`` record of a
+    :class:`~lmms_quant.apply.QuantReport` (the calibration set's description, then these fields)."""
+
+    source: dict[str, Any]  # CalibrationSet.describe(): source, count, seed, hash, warnings
+    layers: dict[str, dict[str, Any]] = field(default_factory=dict)  # per quantized layer: method, losses, choices
+    changed_tensors: list[str] = field(default_factory=list)  # every tensor the driver wrote (for the cache)
+    unquantized: list[str] = field(default_factory=list)  # layers left at 16 bits, each with a warning
+    qparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # what packing needs: scale, zero, g_idx, spec
+
+    @property
+    def warnings(self) -> list[str]:
+        return self.source.setdefault("warnings", [])
+
+    def skip(self, layers: list[str], message: str) -> None:
+        """Leave ``layers`` unquantized, with a warning (logged and recorded)."""
+        log.warning(message)
+        self.warnings.append(message)
+        self.unquantized.extend(layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.source, "layers": self.layers, "changed_tensors": self.changed_tensors, "unquantized": self.unquantized,
+                "qparams": self.qparams}
+
+
 def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *, gptq_blocksize: int = 128,
                    awq_grid: int = 20) -> dict[str, Any]:
     """Quantize every GPTQ/AWQ target of ``qplan`` in place, sequentially.
@@ -198,8 +224,7 @@ def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *,
     for t in qplan.active:
         if t.spec.method in ("gptq", "awq"):
             by_block.setdefault(_block_of(t, qplan), []).append(t)
-    info: dict[str, Any] = {**calib.describe(), "layers": {}, "changed_tensors": [], "unquantized": [], "qparams": {}}
-    warnings = info["warnings"]
+    record = CalibrationRecord(calib.describe())
     model_was_training = model.training
     model.eval()
     for segment in _segments(qplan, modules):
@@ -208,23 +233,21 @@ def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *,
         first = segment[0]
         inputs = _capture_first_block_inputs(model, modules[first], calib.batches)
         if not inputs:
-            msg = f"{first}: the calibration batches never reached this block; its layers are left unquantized"
-            log.warning(msg)
-            warnings.append(msg)
-            info["unquantized"].extend(t.name for b in segment for t in by_block.get(b, []))
+            record.skip([t.name for b in segment for t in by_block.get(b, [])],
+                        f"{first}: the calibration batches never reached this block; its layers are left unquantized")
             continue
         last_needed = max(i for i, b in enumerate(segment) if b in by_block)
         for i, bpath in enumerate(segment[: last_needed + 1]):
             block = modules[bpath]
             targets = by_block.get(bpath, [])
             if targets:
-                _quantize_block(block, bpath, targets, inputs, info, gptq_blocksize, awq_grid)
+                _quantize_block(block, bpath, targets, inputs, record, gptq_blocksize, awq_grid)
             if i < last_needed:
                 outs = _run_block(block, inputs)
                 inputs = [_next_inputs(block, inp, out) for inp, out in zip(inputs, outs)]
         del inputs
     model.train(model_was_training)
-    return info
+    return record.to_dict()
 
 
 def _block_of(t: LayerTarget, qplan: QuantPlan) -> str:
@@ -235,20 +258,22 @@ def _rel(name: str, bpath: str) -> str:
     return "" if name == bpath else name[len(bpath) + 1:]
 
 
-def _quantize_block(block: nn.Module, bpath: str, targets: list[LayerTarget], inputs, info, blocksize: int, grid: int) -> None:
+def _quantize_block(block: nn.Module, bpath: str, targets: list[LayerTarget], inputs, record: CalibrationRecord, blocksize: int,
+                    grid: int) -> None:
     gptq_targets = [t for t in targets if t.spec.method == "gptq"]
     awq_targets = [t for t in targets if t.spec.method == "awq"]
     if gptq_targets:
-        _gptq_block(block, bpath, gptq_targets, inputs, info, blocksize)
+        _gptq_block(block, bpath, gptq_targets, inputs, record, blocksize)
     if awq_targets:
-        _awq_block(block, bpath, awq_targets, inputs, info, grid)
+        _awq_block(block, bpath, awq_targets, inputs, record, grid)
 
 
 def _linear(block: nn.Module, rel: str) -> nn.Linear:
     return block if rel == "" else block.get_submodule(rel)
 
 
-def _gptq_block(block, bpath, targets, inputs, info, blocksize) -> None:
+def _gptq_block(block: nn.Module, bpath: str, targets: list[LayerTarget], inputs, record: CalibrationRecord, blocksize: int) -> None:
+    """GPTQ on one block: each target's Hessian from the block's calibration inputs, then the solve."""
     stats: dict[str, list] = {}
     with _hooks() as handles:
         for t in targets:
@@ -268,119 +293,150 @@ def _gptq_block(block, bpath, targets, inputs, info, blocksize) -> None:
         lin = _linear(block, _rel(t.name, bpath))
         H, n = stats.pop(t.name)
         if n == 0 or not bool(H.any()):
-            msg = f"{t.name}: received no calibration activations; left unquantized"
-            log.warning(msg)
-            info["warnings"].append(msg)
-            info["unquantized"].append(t.name)
+            record.skip([t.name], f"{t.name}: received no calibration activations; left unquantized")
             continue
         sp = t.spec
         res = gptq_q.gptq_quantize(lin.weight.data, H, sp.bits, sp.group_size, sp.sym, blocksize=blocksize, percdamp=sp.damp,
                                    actorder=sp.act_order, static_groups=sp.static_groups)
         lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-        info["qparams"][t.name] = qparams_of(res.quantized, res.g_idx)
-        info["layers"][t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}
-        info["changed_tensors"].append(f"{t.name}.weight")
+        record.qparams[t.name] = qparams_of(res.quantized, res.g_idx)
+        record.layers[t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}
+        record.changed_tensors.append(f"{t.name}.weight")
 
 
-def _awq_block(block, bpath, targets, inputs, info, grid) -> None:
+@dataclass
+class _AwqGroup:
+    """Linears of one block that share an input, and so one AWQ scale: a row of AWQ_MAPPINGS present in the block."""
+
+    mapping: AWQMapping
+    names: list[str]  # relative to the block ("" is the block itself)
+    lins: list[nn.Linear]
+    inputs: list[torch.Tensor] = field(default_factory=list)  # the shared input, (tokens, n_in) per call
+    spec: tuple[int, int, bool] = (0, 0, True)  # (bits, group_size, sym), shared by the group
+    search: awq_q.AWQScaleResult | None = None
+    scales: torch.Tensor | None = None
+    applied_by: str = ""  # the module the scales were folded into, or "input scaling"
+
+    @property
+    def scored_on(self) -> str:
+        return "linear outputs" if self.mapping.inspect is None else (self.mapping.inspect or "block") + " output"
+
+
+def _awq_groups(block: nn.Module, bpath: str, wanted: dict[str, LayerTarget]) -> list[_AwqGroup]:
+    """The block's AWQ groups covering every wanted linear (an error names an unmapped class or linear)."""
     cls = type(block).__name__
     if cls not in AWQ_MAPPINGS:
         raise ValueError(f"AWQ has no mapping for block class {cls} ({bpath}); mapped classes: {', '.join(sorted(AWQ_MAPPINGS))}. "
                          "Add a row to AWQ_MAPPINGS in lmms_quant/architectures.py")
-    wanted = {_rel(t.name, bpath): t for t in targets}
-    groups: list[tuple[AWQMapping, list[str]]] = []
-    covered: set[str] = set()
+    groups = []
     for mapping in AWQ_MAPPINGS[cls]:
         present = [n for n in mapping.linears if n in wanted]
         if present:
-            groups.append((mapping, present))
-            covered.update(present)
-    missing = sorted(set(wanted) - covered)
+            groups.append(_AwqGroup(mapping, present, [_linear(block, n) for n in present]))
+    missing = sorted(set(wanted) - {n for g in groups for n in g.names})
     if missing:
         raise ValueError(f"AWQ mapping for {cls} does not cover {missing}; extend AWQ_MAPPINGS in lmms_quant/architectures.py")
-    # 1. record the (shared) input of every group on the full-precision block, and the
-    #    inputs and outputs of the modules that score a group's scale (mapping.inspect)
-    xs: dict[str, list[torch.Tensor]] = {}
-    inspected = {m.inspect: _inspect_module(block, bpath, m, names) for m, names in groups if m.inspect is not None}
-    seen: dict[str, list[tuple[tuple, dict, torch.Tensor]]] = {name: [] for name in inspected}
+    return groups
+
+
+def _record_awq_inputs(block: nn.Module, bpath: str, groups: list[_AwqGroup], inputs) -> dict[str, tuple[nn.Module, list]]:
+    """Run the full-precision block once: each group's input, and the calls ``(args, kwargs, output)``
+    of every module that scores a group's scale (``mapping.inspect``), by that module's name."""
+    inspected = {g.mapping.inspect: (_inspect_module(block, bpath, g.mapping, g.names), []) for g in groups if g.mapping.inspect is not None}
     with _hooks() as handles:
-        for _, names in groups:
-            lin = _linear(block, names[0])
+        for g in groups:
 
-            def hook(module, args, _out, key=names[0]):
-                xs.setdefault(key, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
+            def hook(module, args, _out, group=g):
+                group.inputs.append(args[0].detach().reshape(-1, args[0].shape[-1]))
 
-            handles.append(lin.register_forward_hook(hook))
-        for name, module in inspected.items():
+            handles.append(g.lins[0].register_forward_hook(hook))
+        for module, seen in inspected.values():
 
-            def record(module, args, kwargs, out, key=name):
-                seen[key].append((args, _without_kv_cache(kwargs), (out[0] if isinstance(out, (tuple, list)) else out).detach()))
+            def record(module, args, kwargs, out, seen=seen):
+                seen.append((args, _without_kv_cache(kwargs), (out[0] if isinstance(out, (tuple, list)) else out).detach()))
 
             handles.append(module.register_forward_hook(record, with_kwargs=True))
         _run_block(block, inputs)
-    # 2. search every group's scale on the full-precision block, then fold or attach them all
-    changed = info["changed_tensors"]
-    searched, plans = [], []
-    for mapping, names in groups:
-        key = names[0]
-        if key not in xs:
-            msg = f"{bpath}: {names} received no calibration activations; left unquantized"
-            log.warning(msg)
-            info["warnings"].append(msg)
-            info["unquantized"].extend(_full(bpath, n, "") for n in names)
+    return inspected
+
+
+def _search_awq_scale(g: _AwqGroup, bpath: str, wanted: dict[str, LayerTarget], inspected: dict[str, tuple[nn.Module, list]],
+                      grid: int) -> None:
+    """The group's scale, searched on the full-precision block (llm-awq's ``auto_scale``)."""
+    specs = {(wanted[n].spec.bits, wanted[n].spec.group_size, wanted[n].spec.sym) for n in g.names}
+    if len(specs) > 1:
+        raise ValueError(f"AWQ: {g.names} in {bpath} share one input and so one scale, but the recipe gives them different specs {sorted(specs)}")
+    g.spec = specs.pop()
+    x = torch.cat(g.inputs)
+    g.inputs = [x]
+    output_loss = None
+    if g.mapping.inspect is not None:
+        module, seen = inspected[g.mapping.inspect]
+        output_loss = module_output_loss(module, g.lins, seen)
+    bits, gsize, sym = g.spec
+    g.search = awq_q.search_scales(x, [lin.weight.data for lin in g.lins], bits, gsize, sym, n_grid=grid, output_loss=output_loss)
+
+
+def _apply_awq_scale(block: nn.Module, bpath: str, g: _AwqGroup, record: CalibrationRecord) -> None:
+    """Fold the scale into the module before the group (a norm, or a Linear whose outputs are the
+    group's inputs one to one), else attach it to the group's linears as an input scaling."""
+    s = g.scales = g.search.scales.to(g.lins[0].weight.device)
+    prev = block.get_submodule(g.mapping.prev) if g.mapping.prev else None
+    if isinstance(prev, nn.Linear) and prev.out_features != s.numel():
+        prev = None  # e.g. grouped-query attention: v_proj's outputs are not o_proj's inputs one to one
+    if prev is None:
+        for lin in g.lins:
+            attach_input_scale(lin, s)
+        g.applied_by = "input scaling"
+        return
+    bias = None if getattr(prev, "bias", None) is None else prev.bias.data
+    fold = awq_q.fold_scales_into_linear if isinstance(prev, nn.Linear) else awq_q.fold_scales_into_norm
+    w, b = fold(prev.weight.data, bias, s)
+    prev.weight.data.copy_(w)
+    record.changed_tensors.append(_full(bpath, g.mapping.prev, "weight"))
+    if b is not None:
+        prev.bias.data.copy_(b)
+        record.changed_tensors.append(_full(bpath, g.mapping.prev, "bias"))
+    g.applied_by = g.mapping.prev
+
+
+def _quantize_awq_group(bpath: str, g: _AwqGroup, record: CalibrationRecord) -> None:
+    """Clip search (skipped for the linears ``_NO_CLIP`` names) and rounding of the scaled weights."""
+    bits, gsize, sym = g.spec
+    xs_scaled = g.inputs[0] / g.scales.to(g.inputs[0].dtype)
+    for n, lin in zip(g.names, g.lins):
+        Ws = lin.weight.data.float() * g.scales
+        max_val = None if _NO_CLIP.search(n or "x") else awq_q.search_clip(xs_scaled, Ws, bits, gsize, sym)
+        qt = awq_q.awq_quantize(lin.weight.data, g.scales, max_val, bits, gsize, sym)
+        lin.weight.data.copy_(qt.weight.to(lin.weight.dtype))
+        full = _full(bpath, n, "")
+        record.qparams[full] = qparams_of(qt)
+        record.layers[full] = {"method": "awq", "ratio": g.search.best_ratio, "loss": g.search.best_loss,
+                               "scale_applied_by": g.applied_by, "scale_scored_on": g.scored_on, "clipped": max_val is not None}
+        record.changed_tensors.append(_full(bpath, n, "weight"))
+    for n, lin in zip(g.names, g.lins):
+        if hasattr(lin, INPUT_SCALE_BUFFER):
+            record.changed_tensors.append(_full(bpath, n, INPUT_SCALE_BUFFER))
+
+
+def _awq_block(block: nn.Module, bpath: str, targets: list[LayerTarget], inputs, record: CalibrationRecord, grid: int) -> None:
+    """AWQ on one block: record the inputs on the full-precision block, search every group's scale
+    there, then fold or attach all scales, then clip and round (llm-awq's order)."""
+    wanted = {_rel(t.name, bpath): t for t in targets}
+    groups = _awq_groups(block, bpath, wanted)
+    inspected = _record_awq_inputs(block, bpath, groups, inputs)
+    searched = []
+    for g in groups:
+        if not g.inputs:
+            record.skip([_full(bpath, n, "") for n in g.names], f"{bpath}: {g.names} received no calibration activations; left unquantized")
             continue
-        x = torch.cat(xs.pop(key))
-        specs = {(wanted[n].spec.bits, wanted[n].spec.group_size, wanted[n].spec.sym) for n in names}
-        if len(specs) > 1:
-            raise ValueError(f"AWQ: {names} in {bpath} share one input and so one scale, but the recipe gives them different specs {sorted(specs)}")
-        bits, gsize, sym = specs.pop()
-        lins = [_linear(block, n) for n in names]
-        output_loss = None
-        if mapping.inspect is not None:
-            output_loss = module_output_loss(inspected[mapping.inspect], lins, seen[mapping.inspect])
-        res = awq_q.search_scales(x, [lin.weight.data for lin in lins], bits, gsize, sym, n_grid=grid, output_loss=output_loss)
-        searched.append((mapping, names, lins, res, x, bits, gsize, sym))
-    seen.clear()
-    for mapping, names, lins, res, x, bits, gsize, sym in searched:
-        s = res.scales.to(lins[0].weight.device)
-        prev = block.get_submodule(mapping.prev) if mapping.prev else None
-        if isinstance(prev, nn.Linear) and prev.out_features != s.numel():
-            prev = None  # e.g. grouped-query attention: v_proj's outputs are not o_proj's inputs one to one
-        if prev is None:
-            for lin in lins:
-                attach_input_scale(lin, s)
-        elif isinstance(prev, nn.Linear):
-            w, b = awq_q.fold_scales_into_linear(prev.weight.data, None if prev.bias is None else prev.bias.data, s)
-            prev.weight.data.copy_(w)
-            changed.append(_full(bpath, mapping.prev, "weight"))
-            if b is not None:
-                prev.bias.data.copy_(b)
-                changed.append(_full(bpath, mapping.prev, "bias"))
-        else:
-            w, b = awq_q.fold_scales_into_norm(prev.weight.data, getattr(prev, "bias", None), s)
-            prev.weight.data.copy_(w)
-            changed.append(_full(bpath, mapping.prev, "weight"))
-            if b is not None:
-                prev.bias.data.copy_(b)
-                changed.append(_full(bpath, mapping.prev, "bias"))
-        scored_on = "linear outputs" if mapping.inspect is None else (mapping.inspect or "block") + " output"
-        plans.append((names, lins, s, x, bits, gsize, sym, res, mapping.prev if prev is not None else "input scaling", scored_on))
-    # 3. clip search and quantization of the scaled weights
-    for names, lins, s, x, bits, gsize, sym, res, folded, scored_on in plans:
-        xs_scaled = x / s.to(x.dtype)
-        for n, lin in zip(names, lins):
-            Ws = lin.weight.data.float() * s
-            max_val = None if _NO_CLIP.search(n or "x") else awq_q.search_clip(xs_scaled, Ws, bits, gsize, sym)
-            qt = awq_q.awq_quantize(lin.weight.data, s, max_val, bits, gsize, sym)
-            lin.weight.data.copy_(qt.weight.to(lin.weight.dtype))
-            full = _full(bpath, n, "")
-            info["qparams"][full] = qparams_of(qt)
-            info["layers"][full] = {"method": "awq", "ratio": res.best_ratio, "loss": res.best_loss, "scale_applied_by": folded,
-                                    "scale_scored_on": scored_on, "clipped": max_val is not None}
-            changed.append(_full(bpath, n, "weight"))
-        for n, lin in zip(names, lins):
-            if hasattr(lin, INPUT_SCALE_BUFFER):
-                changed.append(_full(bpath, n, INPUT_SCALE_BUFFER))
+        _search_awq_scale(g, bpath, wanted, inspected, grid)
+        searched.append(g)
+    inspected.clear()
+    for g in searched:
+        _apply_awq_scale(block, bpath, g, record)
+    for g in searched:
+        _quantize_awq_group(bpath, g, record)
 
 
 def _inspect_module(block: nn.Module, bpath: str, mapping: AWQMapping, names: list[str]) -> nn.Module:

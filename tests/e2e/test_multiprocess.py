@@ -1,6 +1,8 @@
-"""Several processes: ``torchrun --nproc_per_node 2 -m lmms_eval --model quant_vlm`` splits the requests by
-rank (gloo on the CPU), gathers them and gives exactly the results of one process; every rank quantizes
-the model itself, and their weight hashes are checked equal and recorded."""
+"""Several processes: ``torchrun --nproc_per_node 2 -m lmms_eval --model quant_vlm`` and
+``accelerate launch --multi_gpu --num_processes 2 -m lmms_eval ...`` (on a machine without GPUs accelerate
+starts the processes and they talk over gloo on the CPU) split the requests by rank, gather them and give
+exactly the results of one process; every rank quantizes the model itself, and their weight hashes are
+checked equal and recorded."""
 
 import json
 import os
@@ -37,10 +39,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_processes_give_exactly_the_results_of_one(tmp_path):
-    one, one_samples, _ = run([str(BIN / "lmms-eval")], tmp_path / "one", tmp_path)
-    two, two_samples, proc = run([str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "lmms_eval"],
-                                 tmp_path / "two", tmp_path)
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("one")
+    one, samples, _ = run([str(BIN / "lmms-eval")], tmp / "out", tmp)
+    return one, samples
+
+
+LAUNCHERS = {
+    "torchrun": lambda port: [str(BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(port), "-m", "lmms_eval"],
+    # accelerate launch --cpu starts one process (its CPU path needs mpirun for more); --multi_gpu starts N, gloo on the CPU
+    "accelerate": lambda port: [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port), "-m", "lmms_eval"],
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_processes_give_exactly_the_results_of_one(one_process, launcher, tmp_path):
+    one, one_samples = one_process
+    two, two_samples, proc = run(LAUNCHERS[launcher](free_port()), tmp_path / "two", tmp_path)
     assert len(one_samples) == 16 and two_samples == one_samples
     # the same scores; CIDEr's sums over documents gathered in another order may differ in the last bit
     for task, metrics in one["results"].items():

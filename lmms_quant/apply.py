@@ -25,7 +25,16 @@ import torch
 from torch import nn
 
 from .bpw import bits_per_weight
-from .calibration import INPUT_SCALE_BUFFER, CalibrationSet, attach_input_scale, qparams_of, run_calibrated
+from .calibration import (
+    INPUT_SCALE_BUFFER,
+    CalibrationSet,
+    StageStore,
+    fp_statistics,
+    pack_state,
+    qparams_of,
+    restore_state,
+    run_calibrated,
+)
 from .errors import CheckError
 from .plan import LayerTarget, QuantPlan, plan
 from .quantizers.rtn import _grouped, dequantize_codes, quantize_codes, rtn_quantize
@@ -167,52 +176,23 @@ def verify(model: nn.Module, qplan: QuantPlan, qparams: dict[str, dict[str, Any]
             )
 
 
-def _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir) -> dict[str, Any]:
-    """Run the calibration driver, or restore its result from the cache."""
+def _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir, statistics=None) -> dict[str, Any]:
+    """Run the calibration driver, or restore its result from the cache (whose stages it shares)."""
     if cache_dir is None:
-        return {**run_calibrated(model, qplan, calib), "cache": "disabled"}
+        return {**run_calibrated(model, qplan, calib, statistics=statistics), "cache": "disabled"}
     from . import cache
 
     key = cache.cache_key(fingerprint, recipe.to_dict(), calib.describe())
     hit = cache.load_entry(Path(cache_dir), key)
     if hit is not None:
         tensors, info = hit
-        state = dict(model.named_parameters())
-        modules = dict(model.named_modules())
-        info = {**info, "qparams": _qparams_from_tensors(tensors, info.pop("qparams_meta", {}))}
-        with torch.no_grad():
-            for name, t in tensors.items():
-                if name.startswith(_QP):
-                    continue
-                owner, _, leaf = name.rpartition(".")
-                if leaf == INPUT_SCALE_BUFFER:
-                    attach_input_scale(modules[owner], t)
-                else:
-                    state[name].data.copy_(t.to(state[name].dtype))
+        qparams = restore_state(model, tensors, info)
+        info = {k: v for k, v in info.items() if k != "qparams_meta"}
         log.info("calibrated quantization restored from cache %s", key[:16])
-        return {**info, "cache": "hit", "cache_key": key}
-    info = run_calibrated(model, qplan, calib)
-    full_state = model.state_dict()
-    tensors = {n: full_state[n] for n in info["changed_tensors"]}
-    meta = {}
-    for name, qp in info["qparams"].items():
-        for k in ("scale", "zero", "g_idx"):
-            if qp[k] is not None:
-                tensors[f"{_QP}{name}/{k}"] = qp[k]
-        meta[name] = {k: qp[k] for k in ("bits", "group_size", "sym")}
-    stored = {k: v for k, v in info.items() if k != "qparams"}
-    cache.save_entry(Path(cache_dir), key, tensors, {**stored, "qparams_meta": meta})
+        return {**info, "qparams": qparams, "cache": "hit", "cache_key": key}
+    info = run_calibrated(model, qplan, calib, statistics=statistics, stages=StageStore(Path(cache_dir), fingerprint))
+    cache.save_entry(Path(cache_dir), key, *pack_state(model, info))
     return {**info, "cache": "miss", "cache_key": key}
-
-
-_QP = "qparams/"
-
-
-def _qparams_from_tensors(tensors: dict[str, torch.Tensor], meta: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {}
-    for name, spec in meta.items():
-        out[name] = {**spec, **{k: tensors.get(f"{_QP}{name}/{k}") for k in ("scale", "zero", "g_idx")}}
-    return out
 
 
 def _component_summary(qplan: QuantPlan, bpw: dict[str, dict[str, float | int]], recipe: Recipe) -> dict[str, dict[str, Any]]:
@@ -268,14 +248,20 @@ def quantize_(
         raise ValueError(f"methods {sorted({t.spec.method for t in calibrated})} need calibration data; pass calibration=...")
     fingerprint = weights_hash(model, [t.name for t in qplan.targets]) if calibrated and cache_dir is not None else None
     qparams: dict[str, dict[str, Any]] = {}
+    calib = None
+    statistics = None
+    if calibrated and recipe.calibration.mode == "fp_inputs":  # statistics of the full-precision model: before any rounding
+        calib = calibration() if callable(calibration) else calibration
+        stages = StageStore(Path(cache_dir), fingerprint) if cache_dir is not None else None
+        statistics = fp_statistics(model, qplan, calib, stages)
     with torch.no_grad():
         for t in qplan.active:
             if t.spec.method in DATA_FREE_METHODS:
                 qparams[t.name] = _quantize_data_free(modules[t.name], t)
     calib_info = None
     if calibrated:
-        calib = calibration() if callable(calibration) else calibration
-        calib_info = _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir)
+        calib = calib or (calibration() if callable(calibration) else calibration)
+        calib_info = _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir, statistics)
         qparams.update(calib_info.pop("qparams"))
         if calib_info["unquantized"]:  # left untouched with a warning: report them as 16-bit
             skipped = set(calib_info["unquantized"])

@@ -28,17 +28,20 @@ import logging
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from . import cache
 from .architectures import AWQ_MAPPINGS, BLOCK_CARRIES, AWQMapping
 from .plan import LayerTarget, QuantPlan
 from .quantizers import awq as awq_q
 from .quantizers import gptq as gptq_q
 
-__all__ = ["CalibrationSet", "run_calibrated", "INPUT_SCALE_BUFFER", "attach_input_scale", "calibration_hash", "qparams_of"]
+__all__ = ["CalibrationSet", "CalibrationRecord", "StageStore", "run_calibrated", "fp_statistics", "pack_state", "restore_state",
+           "INPUT_SCALE_BUFFER", "attach_input_scale", "calibration_hash", "qparams_of"]
 
 log = logging.getLogger(__name__)
 
@@ -172,16 +175,16 @@ def _next_inputs(block: nn.Module, inp: tuple[tuple, dict], out: Any) -> tuple[t
     return tuple(args), kwargs
 
 
-def _segments(qplan: QuantPlan, modules: dict[str, nn.Module]) -> list[list[str]]:
-    """Consecutive blocks that share a parent ModuleList, in plan order (= forward order of components)."""
-    segments: list[list[str]] = []
-    for comp in qplan.components.values():
+def _segments(qplan: QuantPlan) -> list[tuple[str, list[str]]]:
+    """``(component, blocks)``: consecutive blocks that share a parent ModuleList, in plan order (= forward order of components)."""
+    segments: list[tuple[str, list[str]]] = []
+    for name, comp in qplan.components.items():
         for bpath in comp.blocks:
             parent = bpath.rsplit(".", 1)[0] if re.search(r"\.\d+$", bpath) else bpath
-            if segments and segments[-1][0].rsplit(".", 1)[0] == parent and re.search(r"\.\d+$", bpath):
-                segments[-1].append(bpath)
+            if segments and segments[-1][0] == name and segments[-1][1][0].rsplit(".", 1)[0] == parent and re.search(r"\.\d+$", bpath):
+                segments[-1][1].append(bpath)
             else:
-                segments.append([bpath])
+                segments.append((name, [bpath]))
     return segments
 
 
@@ -195,6 +198,8 @@ class CalibrationRecord:
     changed_tensors: list[str] = field(default_factory=list)  # every tensor the driver wrote (for the cache)
     unquantized: list[str] = field(default_factory=list)  # layers left at 16 bits, each with a warning
     qparams: dict[str, dict[str, Any]] = field(default_factory=dict)  # what packing needs: scale, zero, g_idx, spec
+    stage: dict[str, Any] | None = None  # the cached prefix of components this run restored, if any
+    mode: str = "sequential"  # or "fp_inputs": every target solved on statistics of the full-precision model
 
     @property
     def warnings(self) -> list[str]:
@@ -207,47 +212,217 @@ class CalibrationRecord:
         self.unquantized.extend(layers)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**self.source, "layers": self.layers, "changed_tensors": self.changed_tensors, "unquantized": self.unquantized,
-                "qparams": self.qparams}
+        out = {**self.source, "layers": self.layers, "changed_tensors": self.changed_tensors, "unquantized": self.unquantized,
+               "qparams": self.qparams}
+        if self.mode != "sequential":
+            out["mode"] = self.mode
+        if self.stage is not None:
+            out["stage"] = self.stage
+        return out
 
 
 def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *, gptq_blocksize: int = 128,
-                   awq_grid: int = 20) -> dict[str, Any]:
-    """Quantize every GPTQ/AWQ target of ``qplan`` in place, sequentially.
+                   awq_grid: int = 20, stages: StageStore | None = None,
+                   statistics: dict[str, tuple[torch.Tensor, int]] | None = None) -> dict[str, Any]:
+    """Quantize every GPTQ/AWQ target of ``qplan`` in place.
 
-    Data-free targets must already be quantized (so calibration sees them).
-    Returns the calibration record (source, count, seed, hash, per-layer
-    losses, warnings) and the names of every tensor it changed (for the cache).
+    Sequential (the default, the study's protocol): component by component in forward order,
+    block by block.  Data-free targets must already be quantized (so calibration sees them).
+    With ``stages``, what a prefix of the components (the vision encoder, then the connector)
+    calibrated to is cached, and a later run whose prefix has the same targets, specs and
+    calibration set restores it and calibrates only the rest: the result is identical.
+
+    ``statistics`` (``calib_mode=fp_inputs``, GPTQ only): each target's ``(H, n)`` from the
+    full-precision model (:func:`fp_statistics`); every target is then solved on its own.
+
+    Returns the calibration record (source, count, seed, hash, per-layer losses, warnings) and
+    the names of every tensor it changed (for the cache).
     """
-    modules = dict(model.named_modules())
     by_block: dict[str, list[LayerTarget]] = {}
     for t in qplan.active:
         if t.spec.method in ("gptq", "awq"):
             by_block.setdefault(_block_of(t, qplan), []).append(t)
-    record = CalibrationRecord(calib.describe())
+    record = CalibrationRecord(calib.describe(), mode="sequential" if statistics is None else "fp_inputs")
     model_was_training = model.training
     model.eval()
-    for segment in _segments(qplan, modules):
-        if not any(b in by_block for b in segment):
-            continue
-        first = segment[0]
-        inputs = _capture_first_block_inputs(model, modules[first], calib.batches)
-        if not inputs:
-            record.skip([t.name for b in segment for t in by_block.get(b, [])],
-                        f"{first}: the calibration batches never reached this block; its layers are left unquantized")
-            continue
-        last_needed = max(i for i, b in enumerate(segment) if b in by_block)
-        for i, bpath in enumerate(segment[: last_needed + 1]):
-            block = modules[bpath]
-            targets = by_block.get(bpath, [])
-            if targets:
-                _quantize_block(block, bpath, targets, inputs, record, gptq_blocksize, awq_grid)
-            if i < last_needed:
-                outs = _run_block(block, inputs)
-                inputs = [_next_inputs(block, inp, out) for inp, out in zip(inputs, outs)]
-        del inputs
+    if statistics is not None:
+        _solve_from_statistics(model, [t for ts in by_block.values() for t in ts], statistics, record, gptq_blocksize)
+    else:
+        _run_sequential(model, qplan, calib, by_block, record, gptq_blocksize, awq_grid, stages)
     model.train(model_was_training)
     return record.to_dict()
+
+
+def _run_sequential(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, by_block: dict[str, list[LayerTarget]],
+                    record: CalibrationRecord, blocksize: int, grid: int, stages: StageStore | None) -> None:
+    modules = dict(model.named_modules())
+    segments = _segments(qplan)
+    calibrated = [c for c in qplan.components if any(b in by_block for comp, seg in segments if comp == c for b in seg)]
+    done = _restore_stage(model, qplan, calib, record, stages, calibrated, (blocksize, grid)) if stages else set()
+    last_segment = {comp: i for i, (comp, _) in enumerate(segments)}
+    for i_seg, (comp, segment) in enumerate(segments):
+        if comp in done:
+            continue
+        if any(b in by_block for b in segment):
+            _calibrate_segment(model, modules, calib, segment, by_block, record, blocksize, grid)
+        if stages and last_segment[comp] == i_seg and comp in calibrated[:-1]:
+            prefix = list(qplan.components)[: list(qplan.components).index(comp) + 1]
+            stages.save("stage", _stage_payload(qplan, calib, prefix, (blocksize, grid)), *pack_state(model, record.to_dict()))
+
+
+def _calibrate_segment(model: nn.Module, modules: dict[str, nn.Module], calib: CalibrationSet, segment: list[str],
+                       by_block: dict[str, list[LayerTarget]], record: CalibrationRecord, blocksize: int, grid: int) -> None:
+    """One segment, block by block: quantize a block's targets on its inputs, then run it to give the next block its inputs."""
+    first = segment[0]
+    inputs = _capture_first_block_inputs(model, modules[first], calib.batches)
+    if not inputs:
+        record.skip([t.name for b in segment for t in by_block.get(b, [])],
+                    f"{first}: the calibration batches never reached this block; its layers are left unquantized")
+        return
+    last_needed = max(i for i, b in enumerate(segment) if b in by_block)
+    for i, bpath in enumerate(segment[: last_needed + 1]):
+        block = modules[bpath]
+        targets = by_block.get(bpath, [])
+        if targets:
+            _quantize_block(block, bpath, targets, inputs, record, blocksize, grid)
+        if i < last_needed:
+            outs = _run_block(block, inputs)
+            inputs = [_next_inputs(block, inp, out) for inp, out in zip(inputs, outs)]
+
+
+def _stage_payload(qplan: QuantPlan, calib: CalibrationSet, prefix: list[str], settings: tuple[int, int]) -> dict[str, Any]:
+    """What determines the calibrated state of the components ``prefix`` (the first ones in forward order):
+    their targets and specs (data-free ones too: later calibration sees them), the calibration set and the
+    driver's settings.  Later components never run before these, so they do not enter."""
+    return {"components": prefix, "targets": [[t.name, t.spec.to_dict()] for t in qplan.targets if t.component in prefix],
+            "calibration": calib.describe(), "gptq_blocksize": settings[0], "awq_grid": settings[1]}
+
+
+def _restore_stage(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, record: CalibrationRecord, stages: StageStore,
+                   calibrated: list[str], settings: tuple[int, int]) -> set[str]:
+    """Restore the longest cached prefix of calibrated components (never the last one: that is the whole
+    result, cached elsewhere); returns the components it covers."""
+    order = list(qplan.components)
+    for comp in reversed(calibrated[:-1]):
+        prefix = order[: order.index(comp) + 1]
+        hit = stages.load("stage", _stage_payload(qplan, calib, prefix, settings))
+        if hit is None:
+            continue
+        tensors, info = hit
+        record.qparams.update(restore_state(model, tensors, info))
+        record.layers.update(info["layers"])
+        record.changed_tensors.extend(info["changed_tensors"])
+        record.unquantized.extend(info["unquantized"])
+        record.warnings.extend(w for w in info.get("warnings", []) if w not in record.warnings)
+        record.stage = {"restored": prefix, "key": stages.key("stage", _stage_payload(qplan, calib, prefix, settings))}
+        log.info("calibration: restored the calibrated %s from the stage cache", "+".join(prefix))
+        return set(prefix)
+    return set()
+
+
+@dataclass(frozen=True)
+class StageStore:
+    """Calibration work shared between runs, on disk (:mod:`lmms_quant.cache` entries): a prefix of
+    components calibrated (``stage``) and full-precision statistics (``fp_hessians``), keyed by the
+    model's full-precision weights, what determines the entry and the code version."""
+
+    cache_dir: Path
+    fingerprint: str
+
+    def key(self, kind: str, payload: dict[str, Any]) -> str:
+        return cache.cache_key(self.fingerprint, {"kind": kind, **payload}, {})
+
+    def load(self, kind: str, payload: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+        return cache.load_entry(self.cache_dir, self.key(kind, payload))
+
+    def save(self, kind: str, payload: dict[str, Any], tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> None:
+        cache.save_entry(self.cache_dir, self.key(kind, payload), tensors, info)
+
+
+_QP = "qparams/"
+
+
+def pack_state(model: nn.Module, record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(tensors, info)`` for a cache entry: every tensor the calibration changed and its qparams' tensors;
+    ``info`` is the record without them (``qparams_meta`` keeps each spec)."""
+    full_state = model.state_dict()
+    tensors = {n: full_state[n] for n in record["changed_tensors"]}
+    meta = {}
+    for name, qp in record["qparams"].items():
+        for k in ("scale", "zero", "g_idx"):
+            if qp[k] is not None:
+                tensors[f"{_QP}{name}/{k}"] = qp[k]
+        meta[name] = {k: qp[k] for k in ("bits", "group_size", "sym")}
+    return tensors, {**{k: v for k, v in record.items() if k != "qparams"}, "qparams_meta": meta}
+
+
+def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Write a :func:`pack_state` entry back into ``model`` (AWQ input scales re-attached); returns its qparams."""
+    state = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if name.startswith(_QP):
+                continue
+            owner, _, leaf = name.rpartition(".")
+            if leaf == INPUT_SCALE_BUFFER:
+                attach_input_scale(modules[owner], t)
+            else:
+                state[name].data.copy_(t.to(state[name].dtype))
+    return {name: {**spec, **{k: tensors.get(f"{_QP}{name}/{k}") for k in ("scale", "zero", "g_idx")}}
+            for name, spec in info.get("qparams_meta", {}).items()}
+
+
+def fp_statistics(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet,
+                  stages: StageStore | None = None) -> dict[str, tuple[torch.Tensor, int]]:
+    """``calib_mode=fp_inputs``: every GPTQ target's ``(H, n)`` from the full-precision model, in one pass
+    over the calibration batches; with ``stages``, cached on disk per component (its targets and the
+    calibration set), so a grid pays for them once and every bit width costs only the per-layer solve.
+    Call it before anything is quantized."""
+    modules = dict(model.named_modules())
+    targets: dict[str, list[LayerTarget]] = {}
+    for t in qplan.active:
+        if t.spec.method == "gptq":
+            targets.setdefault(t.component, []).append(t)
+    payload = {c: {"component": c, "targets": [[t.name, t.shape[1]] for t in ts], "calibration": calib.describe()} for c, ts in targets.items()}
+    stats: dict[str, tuple[torch.Tensor, int]] = {}
+    missing = []
+    for comp, ts in targets.items():
+        hit = stages.load("fp_hessians", payload[comp]) if stages else None
+        if hit is None:
+            missing += ts
+        else:
+            stats.update({t.name: (hit[0][t.name], int(hit[1]["n"][t.name])) for t in ts})
+    if missing:
+        fresh = {t.name: [gptq_q.make_empty_hessian(t.shape[1], modules[t.name].weight.device), 0] for t in missing}
+        with _hooks() as handles, torch.no_grad():
+            for t in missing:
+
+                def hook(module, args, _out, name=t.name):
+                    fresh[name] = list(gptq_q.accumulate_hessian(*fresh[name], args[0].detach()))
+
+                handles.append(modules[t.name].register_forward_hook(hook))
+            was_training = model.training
+            model.eval()
+            for batch in calib.batches:
+                model(**batch)
+            model.train(was_training)
+        stats.update({name: (H, n) for name, (H, n) in fresh.items()})
+        for comp in {t.component for t in missing}:
+            if stages:
+                names = [t.name for t in targets[comp]]
+                stages.save("fp_hessians", payload[comp], {n: stats[n][0] for n in names}, {"n": {n: stats[n][1] for n in names}})
+    return stats
+
+
+def _solve_from_statistics(model: nn.Module, targets: list[LayerTarget], statistics: dict[str, tuple[torch.Tensor, int]],
+                           record: CalibrationRecord, blocksize: int) -> None:
+    modules = dict(model.named_modules())
+    for t in targets:
+        if t.spec.method != "gptq":
+            raise ValueError(f"{t.name}: calib_mode=fp_inputs solves GPTQ only, got method {t.spec.method!r}")
+        H, n = statistics[t.name]
+        _gptq_solve(modules[t.name], t, H, n, record, blocksize)
 
 
 def _block_of(t: LayerTarget, qplan: QuantPlan) -> str:
@@ -290,18 +465,21 @@ def _gptq_block(block: nn.Module, bpath: str, targets: list[LayerTarget], inputs
             handles.append(lin.register_forward_hook(hook))
         _run_block(block, inputs)
     for t in targets:
-        lin = _linear(block, _rel(t.name, bpath))
-        H, n = stats.pop(t.name)
-        if n == 0 or not bool(H.any()):
-            record.skip([t.name], f"{t.name}: received no calibration activations; left unquantized")
-            continue
-        sp = t.spec
-        res = gptq_q.gptq_quantize(lin.weight.data, H, sp.bits, sp.group_size, sp.sym, blocksize=blocksize, percdamp=sp.damp,
-                                   actorder=sp.act_order, static_groups=sp.static_groups)
-        lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
-        record.qparams[t.name] = qparams_of(res.quantized, res.g_idx)
-        record.layers[t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}
-        record.changed_tensors.append(f"{t.name}.weight")
+        _gptq_solve(_linear(block, _rel(t.name, bpath)), t, *stats.pop(t.name), record, blocksize)
+
+
+def _gptq_solve(lin: nn.Linear, t: LayerTarget, H: torch.Tensor, n: int, record: CalibrationRecord, blocksize: int) -> None:
+    """GPTQ on one Linear given its Hessian; a Linear that saw no activations is left unquantized."""
+    if n == 0 or not bool(H.any()):
+        record.skip([t.name], f"{t.name}: received no calibration activations; left unquantized")
+        return
+    sp = t.spec
+    res = gptq_q.gptq_quantize(lin.weight.data, H, sp.bits, sp.group_size, sp.sym, blocksize=blocksize, percdamp=sp.damp,
+                               actorder=sp.act_order, static_groups=sp.static_groups)
+    lin.weight.data.copy_(res.weight.to(lin.weight.dtype))
+    record.qparams[t.name] = qparams_of(res.quantized, res.g_idx)
+    record.layers[t.name] = {"method": "gptq", "loss": res.loss, "error": res.error, "percdamp": res.percdamp}
+    record.changed_tensors.append(f"{t.name}.weight")
 
 
 @dataclass

@@ -32,6 +32,7 @@ __all__ = [
     "LayerRule",
     "ComponentRecipe",
     "CalibrationSpec",
+    "CALIB_MODES",
     "DEFAULT_HUB_CALIBRATION",
     "AUTO_GROUP_SIZES",
     "Recipe",
@@ -58,6 +59,10 @@ METHODS = tuple(METHOD_DEFAULTS)
 DEFAULT_DAMP = 0.01
 LAYER_SETS = ("all", "attn", "mlp")
 CALIB_SOURCES = ("auto", "world", "task", "text")
+#: ``calib_mode``: ``sequential`` (the study's and the GPTQ/AWQ papers': each block calibrated on the outputs of the
+#: blocks before it, already quantized) or ``fp_inputs`` (GPTQ only: each layer's Hessian from the full-precision
+#: model, computed once per component and calibration set and cached, so every bit width of a grid costs only the solve).
+CALIB_MODES = ("sequential", "fp_inputs")
 #: The calibration set ``calib_source=auto`` gives a model that is not a bundled toy: llm-compressor's VLM examples'
 #: choice (image + caption; 31,783 Flickr30k images in one ``test`` split).
 DEFAULT_HUB_CALIBRATION = {"source": "lmms-lab/flickr30k", "split": "test"}
@@ -274,6 +279,8 @@ class CalibrationSpec:
     ``split``, ``image_column``, ``text_column``, ``question_column`` and ``revision`` apply to
     ``datasets`` sources; columns are inferred where obvious (an ``Image`` feature; ``caption``,
     ``text``, ``answer``...; ``question``) and a named column that is missing is an error.
+
+    ``mode``: one of :data:`CALIB_MODES` (default ``sequential``).
     """
 
     source: str = "auto"
@@ -285,8 +292,11 @@ class CalibrationSpec:
     text_column: str | None = None
     question_column: str | None = None
     revision: str | None = None
+    mode: str = "sequential"
 
     def __post_init__(self) -> None:
+        if self.mode not in CALIB_MODES:
+            raise RecipeError(f"calib_mode {self.mode!r} is unknown; valid: {_choices(CALIB_MODES)}")
         if not isinstance(self.source, str) or not self.source:
             raise RecipeError(f"calib_source must be a non-empty string, got {self.source!r}")
         if self.source not in CALIB_SOURCES and not Path(self.source).expanduser().exists() and not _HUB_ID.fullmatch(self.source):
@@ -333,6 +343,11 @@ class Recipe:
             unknown = set(self.component_patterns) - set(COMPONENTS)
             if unknown:
                 raise RecipeError(f"component_patterns: unknown component(s) {sorted(unknown)}; valid: {_choices(COMPONENTS)}")
+        if self.calibration.mode == "fp_inputs":
+            methods = {self.component(c).spec.method for c in COMPONENTS if self.component(c).spec.active} | {r.method for r in self.overrides if r.method}
+            if "awq" in methods:
+                raise RecipeError("calib_mode=fp_inputs solves GPTQ layers from full-precision statistics; AWQ searches its scales by "
+                                  "replaying each block on its inputs, so it needs calib_mode=sequential (the default)")
 
     def component(self, name: str) -> ComponentRecipe:
         if name not in COMPONENTS:
@@ -380,7 +395,7 @@ class Recipe:
 
 _SPEC_KEYS = ("bits", "method", "group_size", "sym", "quantize_bias", "act_order", "static_groups", "damp")
 _GPTQ_ONLY_KEYS = ("act_order", "static_groups", "damp")
-_CALIB_FIELDS = ("source", "samples", "seed", "max_seq_len", "split", "image_column", "text_column", "question_column", "revision")
+_CALIB_FIELDS = ("source", "samples", "seed", "max_seq_len", "split", "image_column", "text_column", "question_column", "revision", "mode")
 _CALIB_KEYS = {f"calib_{f}": f for f in _CALIB_FIELDS}
 #: Every key --model_args may carry for the recipe.
 RECIPE_ARG_KEYS = tuple(

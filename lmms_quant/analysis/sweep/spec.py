@@ -32,7 +32,7 @@ DESIGNS = ("factorial", "one_at_a_time")
 EXECUTORS = ("local", "slurm", "submitit-local", "debug")
 #: How components are spelled in configuration ids (``toy__rtn__vit4_conn16_llm2``).
 ID_NAMES = {"vit": "vit", "connector": "conn", "llm": "llm"}
-_CALIB = {f: f"calib_{f}" for f in ("source", "samples", "seed", "max_seq_len", "split", "image_column", "text_column",
+_CALIB = {f: f"calib_{f}" for f in ("source", "samples", "seed", "max_seq_len", "split", "image_column", "text_column", "mode",
                                      "question_column", "revision")}
 
 

@@ -282,12 +282,17 @@ class QuantVLM(lmms):
         """The prompt string for ``context`` with ``n_images`` images, in the family's format."""
         return format_prompt(self.processor, self.family, context, n_images)
 
-    def _inputs(self, texts: list[str], images: list[list]) -> dict:
+    def _inputs(self, texts: list[str], images: list[list], padding_side: str = "left") -> dict:
+        """Model inputs for a batch of prompts and their images (left padded for generation)."""
         flat = [im for ims in images for im in ims]
         kwargs = {"text": texts, "return_tensors": "pt", "padding": True}
         if flat:
             kwargs["images"] = flat
-        batch = self.processor(**kwargs)
+        self.tokenizer.padding_side = padding_side
+        try:
+            batch = self.processor(**kwargs)
+        finally:
+            self.tokenizer.padding_side = "left"
         return {k: (v.to(self._device, self._model.dtype) if torch.is_floating_point(v) else v.to(self._device))
                 for k, v in batch.items()}
 
@@ -398,38 +403,48 @@ class QuantVLM(lmms):
         self._ensure_quantized(requests)
         if self._delegate is not None and "loglikelihood" not in dict(backend_for(self.family).lacks):
             return self._forward("loglikelihood", requests)
-        results = []
+        results: list[tuple[float, bool]] = []
         pbar = tqdm(total=len(requests), disable=(self.rank != 0), desc="quant_vlm loglikelihood")
-        for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests]:
-            doc = self.task_dict[task][split][doc_id]
-            continuation = target if isinstance(target, str) else target(doc)
-            ims = self._visuals(doc_to_visual, task, split, doc_id)
-            prompt = self._format(ctx, len(ims))
-            logits, cont = (self._seq2seq_logits if self._encoder_decoder else self._causal_logits)(prompt, continuation, ims)
-            nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), cont.reshape(-1))
-            greedy = bool((logits.argmax(-1) == cont).all())
-            results.append((float(nll), greedy))
-            pbar.update(1)
+        score = self._seq2seq_scores if self._encoder_decoder else self._causal_scores
+        for i in range(0, len(requests), self.batch_size):
+            prompts, continuations, images = [], [], []
+            for ctx, target, doc_to_visual, doc_id, task, split in [r.args for r in requests[i:i + self.batch_size]]:
+                doc = self.task_dict[task][split][doc_id]
+                ims = self._visuals(doc_to_visual, task, split, doc_id)
+                prompts.append(self._format(ctx, len(ims)))
+                continuations.append(target if isinstance(target, str) else target(doc))
+                images.append(ims)
+            for logits, cont in score(prompts, continuations, images):
+                nll = torch.nn.functional.cross_entropy(logits, cont)
+                results.append((float(nll), bool((logits.argmax(-1) == cont).all())))
+            pbar.update(len(prompts))
         pbar.close()
         return results
 
-    def _causal_logits(self, prompt: str, continuation: str, ims: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Logits predicting each continuation token of ``prompt + continuation``, and those tokens."""
-        full = self._inputs([prompt + continuation], [ims])
-        n_prompt = self._inputs([prompt], [ims])["input_ids"].shape[1]
+    def _causal_scores(self, prompts: list[str], continuations: list[str], images: list[list]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per request, the logits predicting each continuation token of ``prompt + continuation`` and those
+        tokens.  Right padding: every real token keeps the positions and attention of a batch of one."""
+        full = self._inputs([p + c for p, c in zip(prompts, continuations)], images, padding_side="right")
+        n_prompt = self._inputs(prompts, images, padding_side="right")["attention_mask"].sum(1).tolist()
+        n_full = full["attention_mask"].sum(1).tolist()
         with torch.inference_mode():
-            out = self._model(**full)
-        return out.logits[:, n_prompt - 1:-1].float(), full["input_ids"][:, n_prompt:]
+            logits = self._model(**full).logits
+        return [(logits[j, n_prompt[j] - 1:n_full[j] - 1].float(), full["input_ids"][j, n_prompt[j]:n_full[j]])
+                for j in range(len(prompts))]
 
-    def _seq2seq_logits(self, prompt: str, continuation: str, ims: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Decoder logits for ``continuation`` given image and ``prompt`` in the encoder, and its tokens."""
-        enc = self._inputs([prompt], [ims])
-        cont = self.tokenizer(continuation, add_special_tokens=False, return_tensors="pt")["input_ids"].to(self._device)
-        if cont.shape[1] == 0:
-            raise ValueError(f"loglikelihood: the continuation {continuation!r} has no tokens")
+    def _seq2seq_scores(self, prompts: list[str], continuations: list[str], images: list[list]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per request, the decoder logits for the continuation given image and prompt in the encoder, and its
+        tokens (labels padded with -100 on the right: the causal decoder's real positions are unaffected)."""
+        enc = self._inputs(prompts, images, padding_side="right")
+        conts = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
+        empty = [c for c, ids in zip(continuations, conts) if not ids]
+        if empty:
+            raise ValueError(f"loglikelihood: the continuation {empty[0]!r} has no tokens")
+        width = max(map(len, conts))
+        labels = torch.tensor([ids + [-100] * (width - len(ids)) for ids in conts], device=self._device)
         with torch.inference_mode():
-            out = self._model(**enc, labels=cont)
-        return out.logits.float(), cont
+            logits = self._model(**enc, labels=labels).logits
+        return [(logits[j, :len(ids)].float(), labels[j, :len(ids)]) for j, ids in enumerate(conts)]
 
     def clean(self) -> None:
         """Free cached accelerator memory but keep the model.

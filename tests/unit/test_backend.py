@@ -110,3 +110,22 @@ def test_save_reload_prequantized_refuse_requantize_and_real_lowbit(tmp_path):
     real.task_dict = first.task_dict
     assert len(real.metadata["real_lowbit_layers"]) == 26
     assert real.generate_until(gen_requests(1)) == expected
+
+
+def ll_requests():
+    pairs = [("what colour?", " red"), ("how many shapes are there?", " two large shapes"), ("is there a circle?", " no"),
+             ("what shape?", " a small white square on the left"), ("left or right?", " right")]
+    return [Instance("loglikelihood", (q, c, lambda d: [d["image"]], i, "t", "test"), i, META) for i, (q, c) in enumerate(pairs)]
+
+
+def test_batched_loglikelihood_equals_one_by_one(lm):
+    """Batches of 3 (prompts and continuations of different lengths, right padded) score what batches of 1 do."""
+    batched = lm.loglikelihood(ll_requests())
+    lm.batch_size_per_gpu = 1
+    try:
+        single = [lm.loglikelihood([r])[0] for r in ll_requests()]
+    finally:
+        lm.batch_size_per_gpu = 3
+    assert len(batched) == 5 and len({round(nll, 3) for nll, _ in single}) > 1
+    for (nll_b, greedy_b), (nll_1, greedy_1) in zip(batched, single):
+        assert nll_b == pytest.approx(nll_1, abs=1e-4) and greedy_b == greedy_1

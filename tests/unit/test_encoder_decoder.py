@@ -117,3 +117,17 @@ def test_t5_blocks_carry_their_position_biases_block_to_block(t5_dir):
         inputs = _capture_first_block_inputs(model, stack.block[0], calib.batches)
         carried = _next_inputs(stack.block[0], inputs[0], _run_block(stack.block[0], inputs)[0])
         assert torch.allclose(_run_block(stack.block[1], [carried])[0][0], seen[0], atol=1e-6)
+
+
+def test_batched_loglikelihood_equals_one_by_one(lm):
+    conts = ["red circle", "two", "yes there is a square"]
+    reqs = lambda: [Instance("loglikelihood", (f"Question: {q} Short answer:", c, lambda d: [d["image"]], i, "t", "test"), i, META)  # noqa: E731
+                    for i, (q, c) in enumerate(zip(QUESTIONS, conts))]
+    lm.batch_size_per_gpu = 3
+    try:
+        batched = lm.loglikelihood(reqs())
+    finally:
+        lm.batch_size_per_gpu = 1
+    single = [lm.loglikelihood([r])[0] for r in reqs()]
+    for (nll_b, greedy_b), (nll_1, greedy_1) in zip(batched, single, strict=True):
+        assert nll_b == pytest.approx(nll_1, abs=1e-4) and greedy_b == greedy_1

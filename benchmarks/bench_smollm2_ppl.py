@@ -15,7 +15,9 @@ default), ``rtn_asym`` (asymmetric: the baseline AWQ starts from), ``gptq``
 (symmetric, no act-order, damping 0.01, block 128), ``gptq_asym`` (the same,
 asymmetric: compare it with ``rtn_asym``), ``gptq_act`` (symmetric with
 act-order, dynamic groups), ``gptq_act_static`` (act-order with static groups:
-llm-compressor's default ordering) and ``awq`` (asymmetric, grid 20, clip search).
+llm-compressor's default ordering), ``gptq_fp`` (``gptq`` with ``calib_mode=fp_inputs``: every
+layer's Hessian from the full-precision model instead of sequentially) and ``awq`` (asymmetric, grid
+20, clip search).
 
 Group 128 does not divide SmolLM2's hidden width (576 = 4.5 x 128), so the
 grouped rows use group 64 by default (``--group-sizes``).
@@ -67,7 +69,7 @@ import smollm2_common as common  # noqa: E402
 from lmms_quant import quantize_, recipe_from_args  # noqa: E402
 from lmms_quant.calibration import CalibrationSet  # noqa: E402
 
-METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "gptq_act", "gptq_act_static", "awq")
+METHODS = ("rtn", "rtn_asym", "gptq", "gptq_asym", "gptq_act", "gptq_act_static", "gptq_fp", "awq")
 
 
 def base_method(method: str) -> str:
@@ -83,6 +85,8 @@ def recipe_args(method: str, bits: int, group_size: int) -> dict:
         args["act_order_llm"] = True
     if method == "gptq_act_static":
         args["static_groups_llm"] = True
+    if method == "gptq_fp":
+        args["calib_mode"] = "fp_inputs"
     return args
 
 

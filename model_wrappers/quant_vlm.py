@@ -339,9 +339,12 @@ class QuantVLM(lmms):
 
     def _generate_until(self, requests: list[Instance]) -> list[str]:
         self._ensure_quantized(requests)
-        from lmms_quant.model_wrappers.retrieval import is_retrieval_request, serve_with_retrieval
-        if any(map(is_retrieval_request, requests)):  # retrieval tasks: one similarity matrix per gallery
-            return serve_with_retrieval(self, requests, self.generate_until)
+        from lmms_quant.model_wrappers.retrieval import distributed, is_retrieval_request, serve_with_retrieval
+        if any(map(is_retrieval_request, requests)) or distributed():  # retrieval tasks: one similarity matrix per gallery
+            return serve_with_retrieval(self, requests, self._generate_answers)
+        return self._generate_answers(requests)
+
+    def _generate_answers(self, requests: list[Instance]) -> list[str]:
         if self._delegate is not None:
             return self._forward("generate_until", requests)
         order = sorted(range(len(requests)), key=lambda i: (repr(sorted(requests[i].args[1].items())), -len(requests[i].args[0])))

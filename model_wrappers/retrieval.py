@@ -62,6 +62,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -140,9 +141,22 @@ def is_retrieval_request(request) -> bool:
     return isinstance(gen, Mapping) and bool(gen.get("retrieval"))
 
 
+def distributed() -> bool:
+    """Whether this process is one of several (torchrun / accelerate launch) with a process group."""
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 @_refusing
 def serve_with_retrieval(lm, requests: list, generate: Callable[[list], list[str]]) -> list[str]:
-    """Answer retrieval requests here and pass the others to ``generate``, keeping lmms-eval's order."""
+    """Answer retrieval requests here and pass the others to ``generate``, keeping lmms-eval's order.
+
+    With several processes, lmms-eval hands each rank a share of a gallery's image documents; the ranks
+    exchange which documents they hold (a collective: every rank calls this, with or without retrieval
+    requests), every rank scores the whole gallery (its documents are on every rank) and answers its own
+    requests, so the ranks are exactly those of one process.
+    """
     answers: list[str | None] = [None] * len(requests)
     galleries: dict[tuple[str, str], list[int]] = {}
     rest = []
@@ -151,15 +165,34 @@ def serve_with_retrieval(lm, requests: list, generate: Callable[[list], list[str
             galleries.setdefault((request.args[4], request.args[5]), []).append(i)
         else:
             rest.append(i)
-    if galleries and getattr(lm, "world_size", 1) != 1:
-        raise RetrievalRefused(f"retrieval needs the whole gallery in one process; this run has {lm.world_size} processes")
+    whole = _gather_galleries({key: [requests[i].args[3] for i in idx] for key, idx in galleries.items()}) if distributed() else None
     for (task, split), idx in galleries.items():
-        for i, text in zip(idx, retrieve(lm, [requests[i] for i in idx], task, split), strict=True):
+        if whole is None:
+            texts = retrieve(lm, [requests[i] for i in idx], task, split)
+        else:  # the whole gallery, in document order (as one process sees it); lmms-eval's rank padding repeats a request
+            ids = whole[(task, split)]
+            template = requests[idx[0]].args
+            by_id = dict(zip(ids, retrieve(lm, [SimpleNamespace(args=(*template[:3], d, task, split)) for d in ids], task, split)))
+            texts = [by_id[requests[i].args[3]] for i in idx]
+        for i, text in zip(idx, texts, strict=True):
             answers[i] = text
     if rest:
         for i, text in zip(rest, generate([requests[i] for i in rest]), strict=True):
             answers[i] = text
     return answers  # type: ignore[return-value]
+
+
+def _gather_galleries(local: dict[tuple[str, str], list[int]]) -> dict[tuple[str, str], list[int]]:
+    """Every rank's retrieval documents per gallery: ``{(task, split): sorted unique doc ids}``."""
+    import torch.distributed as dist
+
+    shares: list[dict | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(shares, local)
+    whole: dict[tuple[str, str], set[int]] = {}
+    for share in shares:
+        for key, ids in (share or {}).items():
+            whole.setdefault(key, set()).update(ids)
+    return {key: sorted(ids) for key, ids in whole.items()}
 
 
 _SHORTLIST_MODELS: dict[tuple[str, str], Any] = {}

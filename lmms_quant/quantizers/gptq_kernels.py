@@ -135,6 +135,34 @@ if triton is not None:
             tile = tile - h[:, None] * err[None, :]
 
 
+def _fixed_params(mode: int, scale, zero, n_rows: int, dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """MODE_FIXED's ``(scale, zero, stride)``, checked; other modes get ``dummy`` pointers they never read."""
+    if mode != MODE_FIXED:
+        return dummy, dummy, 0
+    if scale is None or zero is None:
+        raise ValueError("MODE_FIXED needs scale and zero")
+    scale, zero = scale.reshape(-1).contiguous(), zero.reshape(-1).contiguous()
+    if scale.numel() not in (1, n_rows) or zero.numel() != scale.numel():
+        raise ValueError(f"scale / zero must have 1 or {n_rows} elements, got {scale.numel()} / {zero.numel()}")
+    return scale, zero, 0 if scale.numel() == 1 else 1
+
+
+def _group_params(mode: int, group_scale, group_zero, gidx, group_size: int, width: int,
+                  dummy: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, torch.Tensor]:
+    """MODE_STATIC / MODE_DYNAMIC's group tables (with their strides) and MODE_STATIC's ``gidx``, checked."""
+    if mode == MODE_DYNAMIC and (group_size <= 0 or width % group_size):
+        raise ValueError(f"MODE_DYNAMIC needs a group size dividing the block width {width}, got {group_size}")
+    if mode not in (MODE_STATIC, MODE_DYNAMIC):
+        return dummy, dummy, 0, 0, dummy
+    if group_scale is None or group_zero is None or group_scale.stride() != group_zero.stride() or group_scale.stride(-1) != 1:
+        raise ValueError("MODE_STATIC / MODE_DYNAMIC need group_scale and group_zero of shape (n_groups, out), unit column stride")
+    if mode == MODE_DYNAMIC:
+        return group_scale, group_zero, group_scale.stride(0), 1, dummy
+    if gidx is None or gidx.numel() != width:
+        raise ValueError(f"MODE_STATIC needs gidx with {width} entries")
+    return group_scale, group_zero, group_scale.stride(0), 1, gidx.to(torch.int32).contiguous()
+
+
 def gptq_block(
     W1: torch.Tensor,
     Hinv1: torch.Tensor,
@@ -178,32 +206,8 @@ def gptq_block(
     for name, t in (("W1", W1), ("Q1", Q1), ("codes1", codes1), ("Err1", Err1), ("Hinv1", Hinv1)):
         if t.dtype != torch.float32 or t.stride(-1) != 1:
             raise ValueError(f"{name} must be float32 with unit column stride, got {t.dtype} strides {t.stride()}")
-    if mode == MODE_DYNAMIC and (group_size <= 0 or width % group_size):
-        raise ValueError(f"MODE_DYNAMIC needs a group size dividing the block width {width}, got {group_size}")
-    dummy = W1  # pointer for the arguments a mode does not read
-    if mode == MODE_FIXED:
-        if scale is None or zero is None:
-            raise ValueError("MODE_FIXED needs scale and zero")
-        scale, zero = scale.reshape(-1).contiguous(), zero.reshape(-1).contiguous()
-        if scale.numel() not in (1, n_rows) or zero.numel() != scale.numel():
-            raise ValueError(f"scale / zero must have 1 or {n_rows} elements, got {scale.numel()} / {zero.numel()}")
-        stride_s = 0 if scale.numel() == 1 else 1
-    else:
-        scale = zero = dummy
-        stride_s = 0
-    if mode in (MODE_STATIC, MODE_DYNAMIC):
-        if group_scale is None or group_zero is None or group_scale.stride() != group_zero.stride() or group_scale.stride(-1) != 1:
-            raise ValueError("MODE_STATIC / MODE_DYNAMIC need group_scale and group_zero of shape (n_groups, out), unit column stride")
-        stride_gt, stride_go = group_scale.stride(0), 1
-    else:
-        group_scale = group_zero = dummy
-        stride_gt = stride_go = 0
-    if mode == MODE_STATIC:
-        if gidx is None or gidx.numel() != width:
-            raise ValueError(f"MODE_STATIC needs gidx with {width} entries")
-        gidx = gidx.to(torch.int32).contiguous()
-    else:
-        gidx = dummy
+    scale, zero, stride_s = _fixed_params(mode, scale, zero, n_rows, dummy=W1)
+    group_scale, group_zero, stride_gt, stride_go, gidx = _group_params(mode, group_scale, group_zero, gidx, group_size, width, dummy=W1)
     maxq = float(2**bits - 1)
     grid = (triton.cdiv(n_rows, BLOCK_R),)
     _gptq_block_kernel[grid](

@@ -85,12 +85,12 @@ def compute_qparams(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
 def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
     """Integer codes ``clamp(round(x / scale) + zero, 0, maxq)`` (float tensor)."""
     maxq = 2**bits - 1
-    return torch.clamp(torch.round(x.float() / scale) + zero, 0, maxq)
+    return (x.float() / scale).round_().add_(zero).clamp_(0, maxq)  # in place after the division: one allocation
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     """``scale * (q - zero)`` in float32."""
-    return scale * (q - zero)
+    return (q - zero).mul_(scale)
 
 
 def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -2,7 +2,8 @@
 ``accelerate launch --multi_gpu --num_processes 2 -m lmms_eval ...`` (on a machine without GPUs accelerate
 starts the processes and they talk over gloo on the CPU) split the requests by rank, gather them and give
 exactly the results of one process; every rank quantizes the model itself, and their weight hashes are
-checked equal and recorded."""
+checked equal and recorded.  Retrieval: the ranks exchange which documents of the gallery they hold and
+each scores the whole gallery, so the ranks (and recall) are those of one process."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import pytest
 pytestmark = pytest.mark.e2e
 BIN = Path(sys.executable).parent
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
-ARGS = ["--model", "quant_vlm", "--model_args", "bits_llm=4,bits_vit=4", "--tasks", "lq_world_vqa,lq_world_caption", "--limit", "8",
+ARGS = ["--model", "quant_vlm", "--model_args", "bits_llm=4,bits_vit=4", "--tasks", "lq_world_vqa,lq_world_caption,lq_world_retrieval", "--limit", "8",
         "--log_samples"]
 
 
@@ -58,7 +59,7 @@ LAUNCHERS = {
 def test_two_processes_give_exactly_the_results_of_one(one_process, launcher, tmp_path):
     one, one_samples = one_process
     two, two_samples, proc = run(LAUNCHERS[launcher](free_port()), tmp_path / "two", tmp_path)
-    assert len(one_samples) == 16 and two_samples == one_samples
+    assert len(one_samples) == 24 and two_samples == one_samples  # retrieval: every rank scored the whole 8-image gallery
     # the same scores; CIDEr's sums over documents gathered in another order may differ in the last bit
     for task, metrics in one["results"].items():
         for key, value in metrics.items():

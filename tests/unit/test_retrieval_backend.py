@@ -230,8 +230,6 @@ def test_refusals_come_before_any_image_loads(monkeypatch):
     tight = [_instance(("c", {**GEN, "retrieval_max_pairs": 10}, _exploding, i, "lq_test_retrieval", "test")) for i in range(3)]
     with pytest.raises(R.RetrievalRefused, match=r"3 images x 6 captions is 18 forward passes .* retrieval_shortlist"):
         R.retrieve(_lm(None, None, "llava"), tight, "lq_test_retrieval", "test")
-    with pytest.raises(R.RetrievalRefused, match="whole gallery in one process"):
-        R.serve_with_retrieval(types.SimpleNamespace(world_size=2), requests, lambda r: [])
     with pytest.raises(RL.RetrievalError, match="retrieval_k_test must be >= 10"):
         RL.RetrievalSettings.from_generation_kwargs({"retrieval": True, "retrieval_k_test": 5})
     with pytest.raises(RL.RetrievalError, match="unknown setting 'retrieval_topk'; valid: retrieval_batch_size"):

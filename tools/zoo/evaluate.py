@@ -1,24 +1,9 @@
-"""Evaluate a zoo VLM on the world: VQA accuracy, caption scores, per-component RTN.
+"""Evaluate a zoo VLM on the world: ``python -m tools.zoo.evaluate --model toy-llava [--split test] [--limit N] [--rtn] [--json FILE]``.
 
-``python -m tools.zoo.evaluate --model toy-llava [--split test] [--limit N] [--rtn] [--json FILE]``
-
-(A retrieval model, ``--model toy-blip2-itm``, gets recall@1/5/10 both ways instead:
-:func:`tools.zoo.train_itm.evaluate_itm`.)
-
-* VQA: greedy answers to the lmms-eval prompt, scored with the official VQAv2
-  accuracy (:func:`lmms_quant.metrics.vqa.vqa_accuracy`), overall and per kind.
-* Captions: greedy captions scored with BLEU-4 and CIDEr-D (pycocoevalcap; texts
-  are lower-cased and split on spaces, since every world caption is already in
-  that form, so no Java PTB tokenizer is needed) and the share of captions that
-  equal one of the five references.
-* Quantization tables: round-to-nearest
-  (:func:`lmms_quant.quantizers.rtn.fake_quantize`) on every ``nn.Linear`` weight
-  inside one component's transformer blocks (for the projector: its two
-  linears), the rest of the model untouched, in two schemes (:data:`SCHEMES`):
-  ``rtn`` (per output channel, symmetric: lmms-quant's ``rtn``) and ``uniform``
-  (per tensor, asymmetric min-max, biases rounded too: the study's baseline).
-
-This is the zoo's own check of its models, independent of lmms-eval.
+VQA accuracy, caption scores and, with ``--rtn``, the per-component quantization tables, as
+:mod:`tools.zoo.scoring` computes them; a retrieval model (``--model toy-blip2-itm``) gets
+recall@1/5/10 both ways instead (:func:`tools.zoo.train_itm.evaluate_itm`).  The zoo's own check of
+its models, independent of lmms-eval.
 """
 
 from __future__ import annotations

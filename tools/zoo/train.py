@@ -72,7 +72,7 @@ from .vision import (  # the world's attribute lists, in label order
     markdown_table,
     patch_labels,
     position_bin,
-    save_model,
+    save_training,
     train_vision,
 )
 
@@ -530,11 +530,7 @@ def train_generative(
         "vision_curve": vision_curve,
         "curve": curve,
     }
-    if out is not None:
-        report["saved_dtype"] = save_model(model.cpu(), processor, out)
-        (out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
-        log(f"saved to {out}")
-    return report
+    return save_training(model, processor, report, out, log)
 
 
 def _at_bits(accs: dict, bits: int) -> float:

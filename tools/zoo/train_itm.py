@@ -62,7 +62,7 @@ from lmms_quant.zoo.toy_llava import pixel_values
 from . import scoring as ev
 from .schedule import Schedule, lr_at
 from .tokenizer import build_tokenizer
-from .vision import DenseProbe, dense_classes, markdown_table, patch_labels, save_model, train_vision
+from .vision import DenseProbe, dense_classes, markdown_table, patch_labels, save_training, train_vision
 
 __all__ = [
     "GOAL_R1",
@@ -264,11 +264,7 @@ def train_toy_blip2_itm(recipe: ItmRecipe, out: Path | None, log: Callable[[str]
         "vision_curve": vision_curve,
         "curve": curve,
     }
-    if out is not None:
-        report["saved_dtype"] = save_model(model.cpu(), processor, out)
-        (out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
-        log(f"saved to {out}")
-    return report
+    return save_training(model, processor, report, out, log)
 
 
 def rtn_recall_table(

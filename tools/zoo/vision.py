@@ -117,6 +117,15 @@ def save_model(model, processor, out: Path) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def save_training(model, processor, report: dict, out: Path | None, log: Callable[[str], None]) -> dict:
+    """Save a trained model (:func:`save_model`) and its ``training_log.json`` to ``out`` (unless None); returns ``report``."""
+    if out is not None:
+        report["saved_dtype"] = save_model(model.cpu(), processor, out)
+        (out / "training_log.json").write_text(json.dumps(report, indent=1) + "\n")
+        log(f"saved to {out}")
+    return report
+
+
 VISION_INDEX_OFFSET = 10_000_000  # stage-1 images are train items from here on (stage 2 starts at 0)
 
 

@@ -242,23 +242,25 @@ def run_calibrated(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, *,
     for t in qplan.active:
         if t.spec.method in ("gptq", "awq"):
             by_block.setdefault(_block_of(t, qplan), []).append(t)
-    record = CalibrationRecord(calib.describe(), mode="sequential" if statistics is None else "fp_inputs")
+    described = calib.describe()  # hashes the batches: once
+    record = CalibrationRecord(dict(described, warnings=list(described["warnings"])), mode="sequential" if statistics is None else "fp_inputs")
     model_was_training = model.training
     model.eval()
     if statistics is not None:
         _solve_from_statistics(model, [t for ts in by_block.values() for t in ts], statistics, record, gptq_blocksize)
     else:
-        _run_sequential(model, qplan, calib, by_block, record, gptq_blocksize, awq_grid, stages)
+        _run_sequential(model, qplan, calib, described, by_block, record, gptq_blocksize, awq_grid, stages)
     model.train(model_was_training)
     return record.to_dict()
 
 
-def _run_sequential(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, by_block: dict[str, list[LayerTarget]],
-                    record: CalibrationRecord, blocksize: int, grid: int, stages: StageStore | None) -> None:
+def _run_sequential(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, described: dict[str, Any],
+                    by_block: dict[str, list[LayerTarget]], record: CalibrationRecord, blocksize: int, grid: int,
+                    stages: StageStore | None) -> None:
     modules = dict(model.named_modules())
     segments = _segments(qplan)
     calibrated = [c for c in qplan.components if any(b in by_block for comp, seg in segments if comp == c for b in seg)]
-    done = _restore_stage(model, qplan, calib, record, stages, calibrated, (blocksize, grid)) if stages else set()
+    done = _restore_stage(model, qplan, described, record, stages, calibrated, (blocksize, grid)) if stages else set()
     last_segment = {comp: i for i, (comp, _) in enumerate(segments)}
     for i_seg, (comp, segment) in enumerate(segments):
         if comp in done:
@@ -267,7 +269,7 @@ def _run_sequential(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, b
             _calibrate_segment(model, modules, calib, segment, by_block, record, blocksize, grid)
         if stages and last_segment[comp] == i_seg and comp in calibrated[:-1]:
             prefix = list(qplan.components)[: list(qplan.components).index(comp) + 1]
-            stages.save("stage", _stage_payload(qplan, calib, prefix, (blocksize, grid)), *pack_state(model, record.to_dict()))
+            stages.save("stage", _stage_payload(qplan, described, prefix, (blocksize, grid)), *pack_state(model, record.to_dict()))
 
 
 def _calibrate_segment(model: nn.Module, modules: dict[str, nn.Module], calib: CalibrationSet, segment: list[str],
@@ -290,22 +292,23 @@ def _calibrate_segment(model: nn.Module, modules: dict[str, nn.Module], calib: C
             inputs = [_next_inputs(block, inp, out) for inp, out in zip(inputs, outs)]
 
 
-def _stage_payload(qplan: QuantPlan, calib: CalibrationSet, prefix: list[str], settings: tuple[int, int]) -> dict[str, Any]:
+def _stage_payload(qplan: QuantPlan, described: dict[str, Any], prefix: list[str], settings: tuple[int, int]) -> dict[str, Any]:
     """What determines the calibrated state of the components ``prefix`` (the first ones in forward order):
     their targets and specs (data-free ones too: later calibration sees them), the calibration set and the
     driver's settings.  Later components never run before these, so they do not enter."""
     return {"components": prefix, "targets": [[t.name, t.spec.to_dict()] for t in qplan.targets if t.component in prefix],
-            "calibration": calib.describe(), "gptq_blocksize": settings[0], "awq_grid": settings[1]}
+            "calibration": described, "gptq_blocksize": settings[0], "awq_grid": settings[1]}
 
 
-def _restore_stage(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, record: CalibrationRecord, stages: StageStore,
+def _restore_stage(model: nn.Module, qplan: QuantPlan, described: dict[str, Any], record: CalibrationRecord, stages: StageStore,
                    calibrated: list[str], settings: tuple[int, int]) -> set[str]:
     """Restore the longest cached prefix of calibrated components (never the last one: that is the whole
     result, cached elsewhere); returns the components it covers."""
     order = list(qplan.components)
     for comp in reversed(calibrated[:-1]):
         prefix = order[: order.index(comp) + 1]
-        hit = stages.load("stage", _stage_payload(qplan, calib, prefix, settings))
+        payload = _stage_payload(qplan, described, prefix, settings)
+        hit = stages.load("stage", payload)
         if hit is None:
             continue
         tensors, info = hit
@@ -314,7 +317,7 @@ def _restore_stage(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet, re
         record.changed_tensors.extend(info["changed_tensors"])
         record.unquantized.extend(info["unquantized"])
         record.warnings.extend(w for w in info.get("warnings", []) if w not in record.warnings)
-        record.stage = {"restored": prefix, "key": stages.key("stage", _stage_payload(qplan, calib, prefix, settings))}
+        record.stage = {"restored": prefix, "key": stages.key("stage", payload)}
         log.info("calibration: restored the calibrated %s from the stage cache", "+".join(prefix))
         return set(prefix)
     return set()

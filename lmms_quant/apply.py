@@ -36,6 +36,7 @@ from .calibration import (
     run_calibrated,
 )
 from .errors import CheckError
+from .offload import materialized, tensor_of
 from .plan import LayerTarget, QuantPlan, plan
 from .quantizers.rtn import _grouped, dequantize_codes, quantize_codes, rtn_quantize
 from .recipe import Recipe
@@ -122,20 +123,16 @@ def on_grid(w: torch.Tensor, qparams: dict[str, Any]) -> bool:
 def weights_hash(model: nn.Module, names: Iterable[str], extra: Iterable[str] = ()) -> str:
     """SHA-256 over the named modules' weights, biases and AWQ input scales (in
     the given order), then over the ``extra`` tensors (e.g. norms that AWQ
-    folded scales into), sorted by name."""
+    folded scales into), sorted by name.  Offloaded tensors are read from their offload map."""
     h = hashlib.sha256()
     modules = dict(model.named_modules())
     for name in names:
         mod = modules[name]
         for pname in ("weight", "bias", INPUT_SCALE_BUFFER):
-            t = getattr(mod, pname, None)
-            if t is not None:
-                _update(h, f"{name}.{pname}", t)
-    extra = sorted(set(extra))
-    if extra:
-        state = model.state_dict()
-        for key in extra:
-            _update(h, key, state[key])
+            if getattr(mod, pname, None) is not None:
+                _update(h, f"{name}.{pname}", tensor_of(model, f"{name}.{pname}"))
+    for key in sorted(set(extra)):
+        _update(h, key, tensor_of(model, key))
     return h.hexdigest()
 
 
@@ -160,9 +157,8 @@ def verify(model: nn.Module, qplan: QuantPlan, qparams: dict[str, dict[str, Any]
     ``qparams`` (name -> what :func:`~lmms_quant.calibration.qparams_of` returns) supplies
     GPTQ's ``g_idx`` where act-order regrouped the columns.
     """
-    modules = dict(model.named_modules())
     for t in qplan.active:
-        w = modules[t.name].weight
+        w = tensor_of(model, f"{t.name}.weight")  # an offloaded weight is read from its offload map
         if w.is_meta:
             raise QuantizationCheckError(f"{t.name}: weight is on the meta device; nothing was quantized")
         qp = (qparams or {}).get(t.name) or {}
@@ -257,7 +253,8 @@ def quantize_(
     with torch.no_grad():
         for t in qplan.active:
             if t.spec.method in DATA_FREE_METHODS:
-                qparams[t.name] = _quantize_data_free(modules[t.name], t)
+                with materialized(modules[t.name]):  # an offloaded Linear: loaded, rounded, written back
+                    qparams[t.name] = _quantize_data_free(modules[t.name], t)
     calib_info = None
     if calibrated:
         calib = calib or (calibration() if callable(calibration) else calibration)

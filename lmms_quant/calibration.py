@@ -36,6 +36,7 @@ from torch import nn
 
 from . import cache
 from .architectures import AWQ_MAPPINGS, BLOCK_CARRIES, AWQMapping
+from .offload import assign, materialized, tensor_of
 from .plan import LayerTarget, QuantPlan
 from .quantizers import awq as awq_q
 from .quantizers import gptq as gptq_q
@@ -348,8 +349,7 @@ _QP = "qparams/"
 def pack_state(model: nn.Module, record: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """``(tensors, info)`` for a cache entry: every tensor the calibration changed and its qparams' tensors;
     ``info`` is the record without them (``qparams_meta`` keeps each spec)."""
-    full_state = model.state_dict()
-    tensors = {n: full_state[n] for n in record["changed_tensors"]}
+    tensors = {n: tensor_of(model, n) for n in record["changed_tensors"]}
     meta = {}
     for name, qp in record["qparams"].items():
         for k in ("scale", "zero", "g_idx"):
@@ -361,17 +361,16 @@ def pack_state(model: nn.Module, record: dict[str, Any]) -> tuple[dict[str, torc
 
 def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], info: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Write a :func:`pack_state` entry back into ``model`` (AWQ input scales re-attached); returns its qparams."""
-    state = dict(model.named_parameters())
     modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, t in tensors.items():
-            if name.startswith(_QP):
-                continue
-            owner, _, leaf = name.rpartition(".")
-            if leaf == INPUT_SCALE_BUFFER:
+    for name, t in tensors.items():
+        if name.startswith(_QP):
+            continue
+        owner, _, leaf = name.rpartition(".")
+        if leaf == INPUT_SCALE_BUFFER:
+            with materialized(modules[owner]):  # an offloaded Linear keeps the new buffer in its offload map
                 attach_input_scale(modules[owner], t)
-            else:
-                state[name].data.copy_(t.to(state[name].dtype))
+        else:
+            assign(model, name, t)
     return {name: {**spec, **{k: tensors.get(f"{_QP}{name}/{k}") for k in ("scale", "zero", "g_idx")}}
             for name, spec in info.get("qparams_meta", {}).items()}
 
@@ -425,7 +424,8 @@ def _solve_from_statistics(model: nn.Module, targets: list[LayerTarget], statist
         if t.spec.method != "gptq":
             raise ValueError(f"{t.name}: calib_mode=fp_inputs solves GPTQ only, got method {t.spec.method!r}")
         H, n = statistics[t.name]
-        _gptq_solve(modules[t.name], t, H, n, record, blocksize)
+        with materialized(modules[t.name]):
+            _gptq_solve(modules[t.name], t, H, n, record, blocksize)
 
 
 def _block_of(t: LayerTarget, qplan: QuantPlan) -> str:
@@ -440,10 +440,11 @@ def _quantize_block(block: nn.Module, bpath: str, targets: list[LayerTarget], in
                     grid: int) -> None:
     gptq_targets = [t for t in targets if t.spec.method == "gptq"]
     awq_targets = [t for t in targets if t.spec.method == "awq"]
-    if gptq_targets:
-        _gptq_block(block, bpath, gptq_targets, inputs, record, blocksize)
-    if awq_targets:
-        _awq_block(block, bpath, awq_targets, inputs, record, grid)
+    with materialized(block):  # an offloaded block: loaded once, quantized, written back
+        if gptq_targets:
+            _gptq_block(block, bpath, gptq_targets, inputs, record, blocksize)
+        if awq_targets:
+            _awq_block(block, bpath, awq_targets, inputs, record, grid)
 
 
 def _linear(block: nn.Module, rel: str) -> nn.Linear:

@@ -23,6 +23,7 @@ from .architectures import ARCHITECTURES
 from .errors import ConfigurationError
 
 __all__ = ["ZOO_DIR", "DEFAULT_MODEL", "zoo_models", "format_prompt", "resolve_pretrained", "load_vlm", "LoadedVLM", "PROMPT_TEMPLATES", "resolve_dtype",
+           "parse_max_memory",
            "is_encoder_decoder", "is_bundled", "check_device", "ModelNotFoundError", "chat_template_of"]
 
 log = logging.getLogger(__name__)
@@ -161,6 +162,20 @@ def resolve_pretrained(pretrained: str | None) -> tuple[str, str]:
     return name, name
 
 
+def parse_max_memory(spec: str | dict) -> dict:
+    """``"cpu:2GiB;0:20GiB"`` (devices and sizes as accelerate takes them, ``;`` or ``+`` between
+    entries, since ``--model_args`` splits on commas) -> ``{"cpu": "2GiB", 0: "20GiB"}``; a dict passes."""
+    if isinstance(spec, dict):
+        return spec
+    out: dict = {}
+    for entry in re.split(r"[;+]", str(spec)):
+        device, sep, size = entry.strip().rpartition(":")
+        if not sep or not device or not size:
+            raise ValueError(f"max_memory entry {entry!r} is not DEVICE:SIZE (e.g. cpu:2GiB;0:20GiB)")
+        out[int(device) if device.isdigit() else device] = int(size) if size.isdigit() else size
+    return out
+
+
 def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype:
     """``auto``: float32 on CPU, bfloat16 on CUDA."""
     if isinstance(dtype, torch.dtype):
@@ -182,10 +197,17 @@ def load_vlm(
     device_map: str | None = None,
     trust_remote_code: bool = False,
     attn_implementation: str | None = None,
+    max_memory: str | dict | None = None,
+    offload_folder: str | None = None,
 ) -> LoadedVLM:
     """Load a model and its processor.  The model class comes from the
     checkpoint's ``config.architectures`` and must be one the architecture table
-    knows (or any class when ``trust_remote_code`` is set)."""
+    knows (or any class when ``trust_remote_code`` is set).
+
+    ``device_map`` (e.g. ``auto``) with ``max_memory`` (:func:`parse_max_memory`) and
+    ``offload_folder`` lets accelerate offload what does not fit to the CPU or to disk;
+    :func:`lmms_quant.quantize_` then quantizes the offloaded modules block by block
+    (:mod:`lmms_quant.offload`)."""
     import transformers
     from transformers import AutoConfig, AutoProcessor
 
@@ -218,6 +240,12 @@ def load_vlm(
         kwargs["attn_implementation"] = attn_implementation
     if device_map:
         kwargs["device_map"] = device_map
+        if max_memory:
+            kwargs["max_memory"] = parse_max_memory(max_memory)
+        if offload_folder:
+            kwargs["offload_folder"] = str(offload_folder)
+    elif max_memory or offload_folder:
+        raise ValueError("max_memory and offload_folder need device_map (e.g. device_map=auto)")
     model = cls.from_pretrained(path, **kwargs)
     if not device_map:
         model.to(device)

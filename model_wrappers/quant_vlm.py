@@ -37,6 +37,7 @@ from lmms_quant.models import (
     is_bundled,
     is_encoder_decoder,
     load_vlm,
+    parse_max_memory,
     resolve_dtype,
     resolve_pretrained,
 )
@@ -52,7 +53,7 @@ from .registry import LIVE_BACKENDS
 log = logging.getLogger(__name__)
 
 #: model_args that configure loading and serving (the rest are recipe keys).
-BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "batch_size", "max_new_tokens",
+BACKEND_ARG_KEYS = ("pretrained", "revision", "device", "dtype", "device_map", "max_memory", "offload_folder", "batch_size", "max_new_tokens",
                     "trust_remote_code", "attn_implementation", "verify", "cache", "cache_dir",
                     "requantize", "save_quantized", "real_lowbit", "serve")
 #: ``serve``: who turns requests into model calls (see :meth:`QuantVLM._choose_serving`).
@@ -105,6 +106,10 @@ class QuantVLM(lmms):
             self.max_new_tokens = int(kwargs.get("max_new_tokens", 64))
             device = check_device(kwargs.get("device"))
             resolve_dtype(kwargs.get("dtype", "auto"), device)
+            if (kwargs.get("max_memory") or kwargs.get("offload_folder")) and not kwargs.get("device_map"):
+                raise ValueError("max_memory and offload_folder need device_map (e.g. device_map=auto)")
+            if kwargs.get("max_memory"):
+                parse_max_memory(kwargs["max_memory"])
         except ValueError as exc:
             raise ConfigurationExit(str(exc)) from None
         if self.batch_size_per_gpu < 1:
@@ -137,11 +142,14 @@ class QuantVLM(lmms):
             device_map=kwargs.get("device_map"),
             trust_remote_code=bool(kwargs.get("trust_remote_code", False)),
             attn_implementation=kwargs.get("attn_implementation"),
+            max_memory=kwargs.get("max_memory"),
+            offload_folder=kwargs.get("offload_folder"),
         )
         self._model, self.processor, self.family = loaded.model, loaded.processor, loaded.family
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
-        self._device = next(self._model.parameters()).device
+        # where inputs go: the first parameter in memory (accelerate's hooks move them on for offloaded modules)
+        self._device = next((p.device for p in self._model.parameters() if not p.is_meta), torch.device(device))
         self._encoder_decoder = is_encoder_decoder(self._model)
         self._loaded = loaded
         self._revision = kwargs.get("revision")

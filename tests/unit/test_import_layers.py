@@ -9,7 +9,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 LIB = ROOT / "lmms_quant"
 #: the core: recipes, the architecture table, planning, quantizers, calibration, bpw, checkpoints, errors
-CORE = ["recipe.py", "architectures.py", "plan.py", "apply.py", "bpw.py", "calibration.py", "calibration_data.py", "cache.py",
+CORE = ["recipe.py", "architectures.py", "plan.py", "apply.py", "bpw.py", "calibration.py", "calibration_data.py", "cache.py", "offload.py",
         "errors.py", "provenance.py", "models.py", "builtin_models.py", "quantizers", "checkpoints", "metrics"]
 HIGHER = ("lmms_quant.model_wrappers", "lmms_quant.tasks", "lmms_quant.analysis", "lmms_quant.zoo", "lmms_quant.lm_tasks",
           "lmms_quant.cli")

@@ -67,9 +67,15 @@ class _LoadedModel:
     """A full-precision model loaded once, with a CPU snapshot to restore it before each configuration."""
 
     def __init__(self, entry: ModelEntry, loader: ModelLoader = load_model_entry):
+        from lmms_quant.offload import is_offloaded
+
         t0 = time.perf_counter()
         self.loaded = loader(entry)
         self.load_s = time.perf_counter() - t0
+        if is_offloaded(self.loaded.model):
+            raise SweepSpecError(f"model {entry.name}: accelerate offloaded part of it (device_map); a sweep restores each configuration "
+                                 "from a full-precision snapshot in memory, which an offloaded model does not fit; run it with "
+                                 "`lmms-eval --model quant_vlm --model_args device_map=auto,...` per configuration")
         self.entry = entry
         self.snapshot = {k: v.detach().to("cpu", copy=True) for k, v in self.loaded.model.state_dict().items()}
         self.verify = bool(entry.args.get("verify", True))  # verify=false also skips the restore check

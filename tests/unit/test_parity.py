@@ -41,6 +41,24 @@ def predictions(lm, task_dir, tmp_path, tasks=PARITY_TASKS):
     return preds
 
 
+def spy_inputs(model) -> list[tuple]:
+    """Record what each ``model.generate`` call receives: the prompt's token ids and a hash of the pixels."""
+    import hashlib
+
+    seen: list[tuple] = []
+    original = model.generate
+
+    def generate(*args, **kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        pixels = kwargs.get("pixel_values")
+        digest = None if pixels is None else hashlib.sha256(pixels.float().contiguous().numpy().tobytes()).hexdigest()
+        seen.extend((tuple(row.tolist()), digest) for row in ids)
+        return original(*args, **kwargs)
+
+    model.generate = generate
+    return seen
+
+
 FAMILIES = {
     # family: (writer, lmms-eval backend class path, its kwargs, quant_vlm dtype)
     "llava": (lambda p: save_tiny_llava(p, seed=2), "lmms_eval.models.simple.llava_hf.LlavaHf",
@@ -69,12 +87,17 @@ def test_quant_vlm_at_16_bits_predicts_exactly_what_lmms_evals_backend_predicts(
         def loglikelihood(self, requests):
             return [LoglikelihoodResult(*r) for r in super().loglikelihood(requests)]
 
-    reference = predictions(Reference(pretrained=model_dir, **kwargs), task_dir, tmp_path, tasks)
+    ref_lm = Reference(pretrained=model_dir, **kwargs)
+    ref_inputs = spy_inputs(ref_lm.model)
+    reference = predictions(ref_lm, task_dir, tmp_path, tasks)
     lm = QuantVLM(pretrained=model_dir, device="cpu", dtype=dtype)
     assert lm.serving["by"] == class_path.split(".")[-2] and lm.serving["lmms_eval"] == "0.7.3"
     assert lm.recipe.is_noop
+    our_inputs = spy_inputs(lm.model)
     ours = predictions(lm, task_dir, tmp_path, tasks)
     assert ours == reference
+    # the same prompts and pixels reach the model (a tiny random model may answer alike whatever it is shown)
+    assert ref_inputs and sorted(our_inputs) == sorted(ref_inputs)
     # the study's prompt formats stay behind serve=quant_vlm
     assert QuantVLM(pretrained=model_dir, device="cpu", dtype=dtype, serve="quant_vlm").serving["by"] == "quant_vlm"
 
@@ -98,3 +121,33 @@ def test_serve_lmms_eval_is_refused_for_a_family_lmms_eval_has_no_backend_for():
         QuantVLM(pretrained="toy-blip2", serve="lmms_eval")
     with pytest.raises(BackendExit, match=r"unknown serve 'vllm'; valid: auto, lmms_eval, quant_vlm"):
         QuantVLM(pretrained="toy-blip2", serve="vllm")
+
+
+@pytest.mark.parametrize("name", [pytest.param("llava_hf"), pytest.param("qwen2_5_vl", marks=pytest.mark.slow)])
+def test_the_chat_backend_the_cli_resolves(name, task_dir, tmp_path, one_thread):
+    """``--model llava_hf`` / ``--model qwen2_5_vl`` resolve to lmms-eval 0.7.3's *chat* backends (chat wins
+    over simple unless --force_simple).  quant_vlm serves through the simple ones.  LLaVA's chat backend
+    feeds the model exactly what quant_vlm does; Qwen2.5-VL's chat backend tokenizes the same prompts but
+    preprocesses the images differently, so compare quant_vlm with ``--model qwen2_5_vl --force_simple``
+    (docs/lmms-eval-quirks.md)."""
+    from lmms_eval.models import get_model
+
+    from lmms_quant.builtin_models import save_tiny_llava as save_chat_llava
+
+    if name == "llava_hf":
+        model_dir, kwargs, dtype = str(save_chat_llava(tmp_path / "llava", chat_template=True)), {"dtype": "float32"}, "float32"
+    else:
+        model_dir, kwargs, dtype = str(save_qwen2_vl(tmp_path / "qwen", seed=2, version="2.5")), {}, "bfloat16"
+    chat_cls = get_model(name)
+    assert not getattr(chat_cls, "is_simple", True), f"{name} should resolve to a chat backend"
+    chat = chat_cls(pretrained=model_dir, device="cpu", device_map="cpu", **kwargs)
+    chat_inputs = spy_inputs(chat.model)
+    chat_preds = predictions(chat, task_dir, tmp_path, GENERATION_TASKS)
+    lm = QuantVLM(pretrained=model_dir, device="cpu", dtype=dtype)
+    our_inputs = spy_inputs(lm.model)
+    ours = predictions(lm, task_dir, tmp_path, GENERATION_TASKS)
+    assert chat_inputs and sorted(ids for ids, _ in our_inputs) == sorted(ids for ids, _ in chat_inputs)  # the same prompts
+    if name == "llava_hf":
+        assert sorted(our_inputs) == sorted(chat_inputs) and ours == chat_preds
+    else:  # upstream: the chat backend's image preprocessing differs from the simple backend's
+        assert sorted(our_inputs) != sorted(chat_inputs)

@@ -240,3 +240,20 @@ def test_sigterm_stops_a_submitit_job_and_leaves_its_configuration_pending(tiny_
         signal.signal(signal.SIGTERM, previous)
     assert [s.status for s in sweep_status(spec, out)] == ["pending"]
     assert not list((out / cfg.id).glob(f"{STAGING_PREFIX}*")) and not (out / cfg.id / FAILED_FILE).exists()
+
+
+@pytest.mark.parametrize("mode", ["sequential", "fp_inputs"])
+def test_a_gptq_grid_calibrates_its_shared_stage_once(tiny_llava, tmp_path, mode):
+    """Configurations that share the ViT's recipe restore its calibrated stage (sequential), or solve every
+    point from the full-precision statistics computed once (fp_inputs); the results record which."""
+    model = {"pretrained": tiny_llava, "name": "tiny", "max_new_tokens": 4, "cache_dir": str(tmp_path / "cache")}
+    spec = parse_spec(spec_dict(models=[model], methods=[{"method": "gptq", "group_size": 16}], bits={"vit": [4], "llm": [2, 3]},
+                                include_fp=False, log_samples=False, calibration={"source": "world", "samples": 4, "mode": mode}))
+    states = run_sweep(spec, tmp_path / "out", emit=lambda line: None)
+    assert [s.status for s in states] == ["done", "done"]
+    runs = {r.config_id: r.calibration for r in load_runs(tmp_path / "out")}
+    first, second = runs["tiny__gptq__vit4_conn16_llm2"], runs["tiny__gptq__vit4_conn16_llm3"]
+    if mode == "sequential":
+        assert "stage" not in first and second["stage"]["restored"] == ["vit"]
+    else:
+        assert first["mode"] == second["mode"] == "fp_inputs" and "stage" not in second

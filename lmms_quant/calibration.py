@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from torch import nn
 
 from . import cache
 from .architectures import AWQ_MAPPINGS, BLOCK_CARRIES, AWQMapping
+from .errors import ConfigurationError
 from .offload import assign, materialized, tensor_of
 from .plan import LayerTarget, QuantPlan
 from .quantizers import awq as awq_q
@@ -375,17 +377,34 @@ def restore_state(model: nn.Module, tensors: dict[str, torch.Tensor], info: dict
             for name, spec in info.get("qparams_meta", {}).items()}
 
 
+def _check_statistics_fit(targets: list[LayerTarget]) -> None:
+    """Refuse fp_inputs when the Hessians would not fit (half the physical memory, or the environment's limit)."""
+    need = sum(4 * t.shape[1] ** 2 for t in targets)
+    limit_gib = os.environ.get("LMMS_QUANT_FP_INPUTS_MAX_GIB")
+    limit = float(limit_gib) * 2**30 if limit_gib else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2
+    if need > limit:
+        raise ConfigurationError(
+            f"calib_mode=fp_inputs holds every GPTQ layer's Hessian at once: {need / 2**30:.1f} GiB for these {len(targets)} layers, "
+            f"over the limit of {limit / 2**30:.1f} GiB (half the memory, or $LMMS_QUANT_FP_INPUTS_MAX_GIB); use calib_mode=sequential "
+            "(the default), which holds one block's at a time, or fewer components")
+
+
 def fp_statistics(model: nn.Module, qplan: QuantPlan, calib: CalibrationSet,
                   stages: StageStore | None = None) -> dict[str, tuple[torch.Tensor, int]]:
     """``calib_mode=fp_inputs``: every GPTQ target's ``(H, n)`` from the full-precision model, in one pass
     over the calibration batches; with ``stages``, cached on disk per component (its targets and the
     calibration set), so a grid pays for them once and every bit width costs only the per-layer solve.
-    Call it before anything is quantized."""
+    Call it before anything is quantized.
+
+    Every Hessian is held at once (``n_in^2`` float32 each: about 28 GiB for a 7B LLaMA's LLM), so a
+    model whose Hessians exceed half the machine's memory (or ``$LMMS_QUANT_FP_INPUTS_MAX_GIB``) is
+    refused with a :class:`~lmms_quant.errors.ConfigurationError` before any work."""
     modules = dict(model.named_modules())
     targets: dict[str, list[LayerTarget]] = {}
     for t in qplan.active:
         if t.spec.method == "gptq":
             targets.setdefault(t.component, []).append(t)
+    _check_statistics_fit([t for ts in targets.values() for t in ts])
     payload = {c: {"component": c, "targets": [[t.name, t.shape[1]] for t in ts], "calibration": calib.describe()} for c, ts in targets.items()}
     stats: dict[str, tuple[torch.Tensor, int]] = {}
     missing = []

@@ -114,3 +114,15 @@ def test_fp_inputs_statistics_are_computed_once_per_component_and_calibration_se
 def test_calib_mode_errors_name_the_choices(args, message):
     with pytest.raises(RecipeError, match=message):
         recipe_from_args(args)
+
+
+def test_fp_inputs_is_refused_when_the_hessians_would_not_fit(llava_dir, calib, monkeypatch):
+    from lmms_quant.errors import ConfigurationError
+
+    monkeypatch.setenv("LMMS_QUANT_FP_INPUTS_MAX_GIB", "1e-9")  # about 1 byte: less than any Hessian
+    recipe = recipe_from_args({"method": "gptq", "group_size": 16, "bits_llm": 3, "calib_mode": "fp_inputs"})
+    model = fresh(llava_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ConfigurationError, match=r"fp_inputs holds every GPTQ layer's Hessian at once: .* use calib_mode=sequential"):
+        quantize_(model, recipe, calibration=calib)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before any work

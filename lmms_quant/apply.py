@@ -244,10 +244,9 @@ def quantize_(
         raise ValueError(f"methods {sorted({t.spec.method for t in calibrated})} need calibration data; pass calibration=...")
     fingerprint = weights_hash(model, [t.name for t in qplan.targets]) if calibrated and cache_dir is not None else None
     qparams: dict[str, dict[str, Any]] = {}
-    calib = None
+    calib = (calibration() if callable(calibration) else calibration) if calibrated else None
     statistics = None
     if calibrated and recipe.calibration.mode == "fp_inputs":  # statistics of the full-precision model: before any rounding
-        calib = calibration() if callable(calibration) else calibration
         stages = StageStore(Path(cache_dir), fingerprint) if cache_dir is not None else None
         statistics = fp_statistics(model, qplan, calib, stages)
     with torch.no_grad():
@@ -257,7 +256,6 @@ def quantize_(
                     qparams[t.name] = _quantize_data_free(modules[t.name], t)
     calib_info = None
     if calibrated:
-        calib = calib or (calibration() if callable(calibration) else calibration)
         calib_info = _calibrate_cached(model, qplan, recipe, calib, fingerprint, cache_dir, statistics)
         qparams.update(calib_info.pop("qparams"))
         if calib_info["unquantized"]:  # left untouched with a warning: report them as 16-bit

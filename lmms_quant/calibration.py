@@ -513,6 +513,7 @@ class _AwqGroup:
     names: list[str]  # relative to the block ("" is the block itself)
     lins: list[nn.Linear]
     inputs: list[torch.Tensor] = field(default_factory=list)  # the shared input, (tokens, n_in) per call
+    x: torch.Tensor | None = None  # the inputs concatenated, (all tokens, n_in)
     spec: tuple[int, int, bool] = (0, 0, True)  # (bits, group_size, sym), shared by the group
     search: awq_q.AWQScaleResult | None = None
     scales: torch.Tensor | None = None
@@ -568,14 +569,14 @@ def _search_awq_scale(g: _AwqGroup, bpath: str, wanted: dict[str, LayerTarget], 
     if len(specs) > 1:
         raise ValueError(f"AWQ: {g.names} in {bpath} share one input and so one scale, but the recipe gives them different specs {sorted(specs)}")
     g.spec = specs.pop()
-    x = torch.cat(g.inputs)
-    g.inputs = [x]
+    g.x = torch.cat(g.inputs)
+    g.inputs = []
     output_loss = None
     if g.mapping.inspect is not None:
         module, seen = inspected[g.mapping.inspect]
         output_loss = module_output_loss(module, g.lins, seen)
     bits, gsize, sym = g.spec
-    g.search = awq_q.search_scales(x, [lin.weight.data for lin in g.lins], bits, gsize, sym, n_grid=grid, output_loss=output_loss)
+    g.search = awq_q.search_scales(g.x, [lin.weight.data for lin in g.lins], bits, gsize, sym, n_grid=grid, output_loss=output_loss)
 
 
 def _apply_awq_scale(block: nn.Module, bpath: str, g: _AwqGroup, record: CalibrationRecord) -> None:
@@ -604,7 +605,7 @@ def _apply_awq_scale(block: nn.Module, bpath: str, g: _AwqGroup, record: Calibra
 def _quantize_awq_group(bpath: str, g: _AwqGroup, record: CalibrationRecord) -> None:
     """Clip search (skipped for the linears ``_NO_CLIP`` names) and rounding of the scaled weights."""
     bits, gsize, sym = g.spec
-    xs_scaled = g.inputs[0] / g.scales.to(g.inputs[0].dtype)
+    xs_scaled = g.x / g.scales.to(g.x.dtype)
     for n, lin in zip(g.names, g.lins):
         Ws = lin.weight.data.float() * g.scales
         max_val = None if _NO_CLIP.search(n or "x") else awq_q.search_clip(xs_scaled, Ws, bits, gsize, sym)

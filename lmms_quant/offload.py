@@ -76,14 +76,9 @@ def materialized(root: nn.Module) -> Iterator[nn.Module]:
     finally:
         for module, hook in loaded:
             for name in _owned(module, hook):  # again: a buffer added inside (AWQ's input scale) goes to the map too
-                _write_back(hook.weights_map, name, module.get_parameter(name) if _is_param(module, name) else module.get_buffer(name))
+                _write_back(hook.weights_map, name, getattr(*_split(module, name)))
                 set_module_tensor_to_device(module, name, "meta")
             hook.offload = True
-
-
-def _is_param(module: nn.Module, name: str) -> bool:
-    owner, _, leaf = name.rpartition(".")
-    return leaf in (module.get_submodule(owner) if owner else module)._parameters
 
 
 def _split(model: nn.Module, full_name: str) -> tuple[nn.Module, str]:

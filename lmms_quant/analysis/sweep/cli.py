@@ -67,10 +67,12 @@ def add_parser(sub) -> None:
     p.add_argument("--no-wait", action="store_true", help="with submitit: return after submitting")
     p.set_defaults(func=main)
 
+
 def _param_value(text: str) -> Any:
     import yaml
 
     return yaml.safe_load(text)
+
 
 def main(ns: argparse.Namespace) -> int:
     try:

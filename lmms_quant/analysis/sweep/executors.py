@@ -51,6 +51,7 @@ def run_sweep(spec: SweepSpec, out: str | Path, *, retry_failed: bool = False, e
         raise SweepSpecError(f"unknown executor {executor!r}; valid: {', '.join(EXECUTORS)}")
     return sweep_status(spec, out)
 
+
 def _submit(spec: SweepSpec, out: Path, todo: list[SweepConfig], *, retry_failed: bool, executor: str, jobs: int,
             params: Mapping[str, Any], wait: bool, emit: Callable[[str], None], loader: ModelLoader) -> None:
     try:

@@ -27,10 +27,12 @@ def _dist() -> tuple[int, int]:
     """(rank, world size) as set by ``accelerate launch`` or ``torchrun``."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
+
 def _dist_initialized() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
+
 
 def _fingerprint(state: Mapping[str, Any]) -> str:
     """SHA-256 over every tensor of a state dict (names, then raw bytes)."""
@@ -42,6 +44,7 @@ def _fingerprint(state: Mapping[str, Any]) -> str:
         h.update(k.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
 
 def load_model_entry(entry: ModelEntry) -> Any:
     """Load a sweep model entry as quant_vlm would (its device, dtype and loading keys): the default loader."""
@@ -105,6 +108,7 @@ def backend_args(cfg: SweepConfig, spec: SweepSpec) -> dict[str, Any]:
     args: dict[str, Any] = {"pretrained": cfg.model.pretrained} if cfg.model.pretrained else {}
     return {**args, **cfg.model.args, **cfg.recipe_args, "batch_size": spec.batch_size}
 
+
 def _run_one(cfg: SweepConfig, spec: SweepSpec, model: _LoadedModel, out: Path, task_manager) -> None:
     """Restore, quantize (through quant_vlm itself), evaluate and write one configuration (atomically)."""
     from lmms_quant.model_wrappers.quant_vlm import QuantVLM
@@ -161,6 +165,7 @@ def _evaluate_and_write(cfg: SweepConfig, spec: SweepSpec, model: _LoadedModel, 
         os.replace(f, folder / f.name)
     os.replace(written[0], folder / written[0].name)  # last: the result exists only once complete
     (folder / FAILED_FILE).unlink(missing_ok=True)
+
 
 def run_configs(spec: SweepSpec, out: str | Path, ids: Sequence[str], *, retry_failed: bool = False,
                 emit: Callable[[str], None] | None = None, loader: ModelLoader = load_model_entry) -> dict[str, str]:
@@ -222,6 +227,7 @@ def run_configs(spec: SweepSpec, out: str | Path, ids: Sequence[str], *, retry_f
                 progress.update(cid, time.perf_counter() - t0, outcome[cid])
     return outcome
 
+
 def _task_manager(tasks: Sequence[str]):
     """lmms-eval's task index.  When every task is one of ours, the index of our task folder
     alone (seconds faster than indexing every lmms-eval task; ours all start with ``lq_``,
@@ -232,6 +238,7 @@ def _task_manager(tasks: Sequence[str]):
     if all(t in fast.all_tasks for t in tasks):
         return fast
     return TaskManager("WARNING")
+
 
 def _broadcast_ids(ids: list[str]) -> list[str]:
     """Under ``accelerate launch``: every rank runs rank 0's list, in the same order."""

@@ -36,7 +36,6 @@ _CALIB = {f: f"calib_{f}" for f in ("source", "samples", "seed", "max_seq_len", 
                                      "question_column", "revision")}
 
 
-
 class SweepSpecError(ConfigurationError):
     """The sweep file is invalid; the message names the key and the valid choices."""
 
@@ -49,6 +48,7 @@ class ModelEntry:
     pretrained: str | None = None
     args: Mapping[str, Any] = field(default_factory=dict)
 
+
 @dataclass(frozen=True)
 class MethodEntry:
     """A method of the sweep and the recipe keys it brings (``label`` names it in ids and reports)."""
@@ -56,6 +56,7 @@ class MethodEntry:
     label: str
     method: str
     options: Mapping[str, Any] = field(default_factory=dict)
+
 
 @dataclass(frozen=True)
 class SweepSpec:
@@ -81,6 +82,7 @@ class SweepSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self), default=list))
+
 
 @dataclass(frozen=True)
 class SweepConfig:
@@ -116,6 +118,7 @@ class SweepConfig:
         return {"id": self.id, "model": self.model.name, "pretrained": self.model.pretrained, "method": self.method_label,
                 "bits": dict(self.bits), "model_args": self.model_args(spec), "digest": self.digest(spec)}
 
+
 def _arg_str(v: Any) -> str:
     if isinstance(v, bool):
         return str(v).lower()
@@ -123,13 +126,16 @@ def _arg_str(v: Any) -> str:
         return "+".join(str(x) for x in v)
     return str(v)
 
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "model"
+
 
 def _check_keys(data: Mapping[str, Any], valid: Sequence[str], where: str) -> None:
     unknown = sorted(set(data) - set(valid))
     if unknown:
         raise SweepSpecError(f"{where}: unknown key(s) {unknown}; valid: {', '.join(valid)}")
+
 
 def _parse_model(entry: Any, i: int) -> ModelEntry:
     if entry is None or isinstance(entry, str):
@@ -143,6 +149,7 @@ def _parse_model(entry: Any, i: int) -> ModelEntry:
         raise SweepSpecError(f"models[{i}]: expected a name/path or a mapping of {', '.join(MODEL_KEYS)}, got {entry!r}")
     name = (entry.get("name") if isinstance(entry, Mapping) else None) or (Path(pretrained).name if pretrained else "default")
     return ModelEntry(name=_safe(str(name)), pretrained=str(pretrained) if pretrained else None, args=args)
+
 
 def _parse_method(entry: Any, i: int) -> MethodEntry:
     from lmms_quant.recipe import METHODS
@@ -160,6 +167,7 @@ def _parse_method(entry: Any, i: int) -> MethodEntry:
         raise SweepSpecError(f"methods[{i}]: unknown or grid-owned key(s) {bad}; valid: recipe keys except bits*: "
                              f"{', '.join(k for k in RECIPE_ARG_KEYS if not k.startswith('bits'))}")
     return MethodEntry(label=_safe(str(entry.get("label") or method)), method=method, options=options)
+
 
 def parse_spec(data: Mapping[str, Any], where: str = "sweep", base_dir: Path | None = None) -> SweepSpec:
     """Validate a sweep mapping (the YAML file's content)."""
@@ -222,6 +230,7 @@ def parse_spec(data: Mapping[str, Any], where: str = "sweep", base_dir: Path | N
     expand(spec)  # every recipe is checked here, before anything loads
     return spec
 
+
 def load_spec(path: str | Path) -> SweepSpec:
     import yaml
 
@@ -234,6 +243,7 @@ def load_spec(path: str | Path) -> SweepSpec:
         raise SweepSpecError(f"sweep file {str(p)!r} is not valid YAML: {exc}") from None
     return parse_spec(data, where=str(p), base_dir=p.resolve().parent)
 
+
 def _bit_points(spec: SweepSpec) -> list[dict[str, int]]:
     fp = {c: 16 for c in COMPONENTS}
     if spec.design == "factorial":
@@ -243,6 +253,7 @@ def _bit_points(spec: SweepSpec) -> list[dict[str, int]]:
     for comp in COMPONENTS:
         points += [{**fp, comp: b} for b in spec.bits[comp] if b != 16]
     return points
+
 
 def expand(spec: SweepSpec) -> list[SweepConfig]:
     """Every configuration of the sweep, in run order (grouped by model).  The full-precision

@@ -29,17 +29,21 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
+
 def _write_json(path: Path, data: Any) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
+
 def _results_files(folder: Path) -> list[Path]:
     return sorted(folder.glob("*_results.json")) if folder.is_dir() else []
+
 
 @dataclass
 class ConfigState:
     config: SweepConfig
     status: str  # done | failed | pending | conflict
     detail: str = ""
+
 
 def sweep_status(spec: SweepSpec, out: Path) -> list[ConfigState]:
     """The state of every configuration, read from the output folder."""
@@ -67,6 +71,7 @@ def sweep_status(spec: SweepSpec, out: Path) -> list[ConfigState]:
             states.append(ConfigState(cfg, "pending"))
     return states
 
+
 def _runnable(folder: Path, retry_failed: bool) -> str | None:
     """None when the configuration in ``folder`` should run now, else why not (``done``/``failed``)."""
     if _results_files(folder):
@@ -74,6 +79,7 @@ def _runnable(folder: Path, retry_failed: bool) -> str | None:
     if (folder / FAILED_FILE).is_file() and not retry_failed:
         return "failed"
     return None
+
 
 def _write_manifest(spec: SweepSpec, out: Path) -> None:
     path = out / MANIFEST
@@ -89,6 +95,7 @@ def _write_manifest(spec: SweepSpec, out: Path) -> None:
     manifest.setdefault("created", _dt.datetime.now().isoformat(timespec="seconds"))
     manifest["updated"] = _dt.datetime.now().isoformat(timespec="seconds")
     _write_json(path, manifest)
+
 
 class Progress:
     """Counts for the sweep as a whole; writes ``progress.json`` and reports a line per configuration."""
@@ -117,11 +124,13 @@ class Progress:
         self.emit(line)
         return info
 
+
 def _fmt_s(seconds: float | None) -> str:
     if seconds is None:
         return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else (f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s")
+
 
 @contextlib.contextmanager
 def _claim(folder: Path) -> Iterator[bool]:
@@ -140,6 +149,7 @@ def _claim(folder: Path) -> Iterator[bool]:
     finally:
         os.close(fd)  # closing releases the lock (and so does the death of the process)
 
+
 def _clean_partial(folder: Path) -> None:
     """Remove what an interrupted attempt left: staging folders, and samples without their results file."""
     for p in folder.glob(f"{STAGING_PREFIX}*"):
@@ -150,6 +160,7 @@ def _clean_partial(folder: Path) -> None:
     for p in folder.glob("*_samples_*.jsonl"):
         if p.name.split("_samples_")[0] not in dates:
             p.unlink(missing_ok=True)
+
 
 def _record_failure(cfg: SweepConfig, out: Path, exc: BaseException) -> None:
     folder = out / cfg.id
